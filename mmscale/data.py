@@ -1,0 +1,155 @@
+"""Map-style image-caption datasets and a rank-sharded batch stream with exact resume.
+
+The stream is a pure function of (seed, epoch, step): each epoch is one seeded permutation
+cut into global batches, rank r takes its slice of each. Its state is (epoch, step), so a
+resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .config import ConfigError, DataConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_transform(size: int, train: bool):
+    """open_clip-style: light random resized crop for training, resize + centre crop for eval."""
+    from torchvision import transforms as T
+    if train:
+        head = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    else:
+        head = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+    return T.Compose(head + [T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+@dataclass
+class Sample:
+    image: object  # a path or a PIL image
+    caption: str
+    label: int = -1
+
+
+class CaptionDataset(Dataset):
+    def __init__(self, samples: list[Sample], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        image = s.image if isinstance(s.image, Image.Image) else Image.open(s.image)
+        return self.transform(image), s.caption, s.label
+
+
+@dataclass
+class Splits:
+    train: list[Sample]
+    eval: list[Sample]
+    classnames: list[str]
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(idx) * fraction))
+        held.extend(idx[:k])
+        train.extend(idx[k:])
+    return np.sort(train), np.sort(held)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    if cfg.type == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        images = [Image.fromarray((img * (255.0 / 16.0)).astype(np.uint8)) for img in d.images]
+        labels, names = d.target, DIGIT_NAMES
+    elif cfg.type == "imagefolder":
+        names = sorted(e for e in os.listdir(cfg.root) if os.path.isdir(os.path.join(cfg.root, e)))
+        if not names:
+            raise ConfigError(f"data.root: no class folders in {cfg.root}")
+        images, labels = [], []
+        for c, name in enumerate(names):
+            files = sorted(f for f in os.listdir(os.path.join(cfg.root, name)) if f.lower().endswith(IMAGE_EXTS))
+            files = files[:cfg.max_per_class] if cfg.max_per_class else files
+            images += [os.path.join(cfg.root, name, f) for f in files]
+            labels += [c] * len(files)
+        labels = np.asarray(labels)
+    elif cfg.type == "coco":
+        with open(cfg.captions) as f:
+            coco = json.load(f)
+        files = {im["id"]: os.path.join(cfg.root, im["file_name"]) for im in coco["images"]}
+        samples = [Sample(files[a["image_id"]], a["caption"].strip()) for a in coco["annotations"]]
+        return Splits(samples, [], [])
+    else:
+        raise ConfigError(f"data.type: {cfg.type!r} is not supported")
+    train_idx, eval_idx = _stratified_split(labels, cfg.eval_fraction, cfg.seed)
+
+    def make(idx):
+        return [Sample(images[i], cfg.caption_template.format(names[labels[i]]), int(labels[i])) for i in idx]
+    return Splits(make(train_idx), make(eval_idx), list(names))
+
+
+class Collate:
+    def __init__(self, tokenize):
+        self.tokenize = tokenize
+
+    def __call__(self, items):
+        images, captions, labels = zip(*items)
+        return {"image": torch.stack(images), **self.tokenize(list(captions)), "label": torch.tensor(labels)}
+
+
+def collate_images_labels(items):
+    return torch.stack([x[0] for x in items]), torch.tensor([x[2] for x in items])
+
+
+class BatchStream:
+    """Endless, rank-sharded, resumable stream of local batches over epochs."""
+
+    def __init__(self, dataset: Dataset, collate, global_batch: int, rank: int, world: int,
+                 seed: int = 0, num_workers: int = 0):
+        self.dataset, self.collate = dataset, collate
+        self.global_batch, self.local_batch = global_batch, global_batch // world
+        self.rank, self.seed, self.num_workers = rank, seed, num_workers
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.global_batch_size: {global_batch} is larger than the dataset ({len(dataset)} samples)")
+        self.epoch, self.step = 0, 0  # position of the next batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def local_indices(self, epoch: int, step: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g)
+        start = step * self.global_batch + self.rank * self.local_batch
+        return perm[start:start + self.local_batch].tolist()
+
+    def __iter__(self):
+        while True:
+            epoch, first = self.epoch, self.step
+            batches = [self.local_indices(epoch, s) for s in range(first, self.steps_per_epoch)]
+            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
+                                num_workers=self.num_workers, persistent_workers=False)
+            for batch in loader:
+                # advance before yielding: a checkpoint taken after this batch resumes at the next one
+                self.step += 1
+                if self.step == self.steps_per_epoch:
+                    self.epoch, self.step = self.epoch + 1, 0
+                yield batch

@@ -1,0 +1,231 @@
+"""The one training engine: DeepSpeed setup, the step (plain or gradient-cached), the
+schedule, checkpoints with exact resume, metrics, evaluation and export. Tasks supply
+the model, loss, data and evaluation (see tasks.py)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, check_world, save_config, to_dict
+from .gradcache import grad_cache_step
+
+LATEST = "latest"  # the file name DeepSpeed's load_checkpoint reads
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher (deepspeed, torchrun, srun) describes, or make a
+    one-process group when run as plain `python`."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
+    """Linear warmup then cosine decay to min_ratio (CMLA: Adam 1e-4, cosine)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def deepspeed_config(cfg: Config, local_batch: int) -> dict:
+    o, t = cfg.optim, cfg.train
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": local_batch,
+        "gradient_accumulation_steps": 1,  # gradient-cache chunks mark the boundary themselves
+        "optimizer": {"type": "Adam", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            "adam_w_mode": o.name == "adamw",  # DeepSpeed's "Adam" is AdamW unless told otherwise
+            "torch_adam": True}},
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if o.grad_clip > 0:
+        ds["gradient_clipping"] = o.grad_clip
+    return ds
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        init_distributed()
+        self.cfg, self.task = cfg, task
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_batch, self.chunk = check_world(cfg, self.world)
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.run_dir = cfg.train.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if self.rank == 0:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = task.build_model()
+        self.stream = task.train_stream(model, self.rank, self.world)
+        t = cfg.train
+        self.total_steps = t.steps if t.steps > 0 else t.epochs * self.stream.steps_per_epoch
+        schedule = lr_lambda(cfg.optim.warmup_steps, self.total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, self.local_batch),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.step = 0
+
+    # ------------------------------------------------------------ step
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, self.dtype if v.is_floating_point() else None, non_blocking=True))
+                for k, v in batch.items()}
+
+    def _backward(self, surrogate: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(surrogate)
+
+    def forward_backward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Gradients of the task loss over the whole local batch, accumulated in the engine."""
+        if self.chunk < self.local_batch:
+            return grad_cache_step(self.engine, self.task.loss, batch, self.chunk, self._backward,
+                                   shared=self.task.shared_outputs)
+        out = self.engine(batch)
+        loss, metrics = self.task.loss(out)
+        self._backward(loss, True)
+        return loss.detach(), metrics
+
+    def train_step(self, batch: dict) -> tuple[float, dict]:
+        # per-step seeding keeps dropout/augmentation identical across a resume
+        torch.manual_seed(hash((self.cfg.train.seed, self.step, self.rank)) % 2 ** 62)
+        batch = self.to_device({k: v for k, v in batch.items() if k != "label"})
+        loss, metrics = self.forward_backward(batch)
+        self.engine.step()
+        self.step += 1
+        loss = loss.float().clone()
+        dist.all_reduce(loss)  # the local-loss variant differs per rank; log the global mean
+        return loss.item() / self.world, metrics
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        tag = f"step{self.step:08d}"
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False,
+                                    client_state={"step": self.step, "data": self.stream.state_dict()})
+        dist.barrier()
+        if self.rank == 0:
+            # only a fully written checkpoint becomes `latest`; a kill before this line leaves
+            # the previous one in charge
+            write_atomic(os.path.join(self.ckpt_dir, LATEST), tag)
+            tags = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step") and d != tag)
+            for old in tags[:max(0, len(tags) - (self.cfg.train.keep_checkpoints - 1))]:
+                shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
+        dist.barrier()
+
+    def maybe_resume(self) -> bool:
+        if not (self.cfg.train.resume and os.path.isfile(os.path.join(self.ckpt_dir, LATEST))):
+            return False
+        path, client = self.engine.load_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        self.step = client["step"]
+        self.stream.load_state_dict(client["data"])
+        self.log({"event": "resumed", "step": self.step, "checkpoint": path})
+        return True
+
+    # ------------------------------------------------------------ logging, eval, export
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict:
+        metrics = self.task.evaluate(self.engine.module, self.device, self.dtype)
+        if metrics:
+            self.log({"step": self.step, **metrics})
+        return metrics
+
+    def export(self) -> str | None:
+        """Towers + heads as safetensors with a config that rebuilds them offline."""
+        import deepspeed
+        from safetensors.torch import save_file
+        module = self.engine.module
+        out = os.path.join(self.run_dir, "export")
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.train.zero_stage == 3):
+            if self.rank == 0:
+                os.makedirs(out, exist_ok=True)
+                state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in module.state_dict().items()}
+                save_file(state, os.path.join(out, "model.safetensors.tmp"))
+                os.replace(os.path.join(out, "model.safetensors.tmp"), os.path.join(out, "model.safetensors"))
+                self.task.save_export_config(module, out)
+        dist.barrier()
+        return out if self.rank == 0 else None
+
+    # ------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+        t = self.cfg.train
+        self.maybe_resume()
+        batches = iter(self.stream)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        tic, seen = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            loss, metrics = self.train_step(next(batches))
+            seen += t.global_batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - tic
+                self.log({"step": self.step, "epoch": self.stream.epoch, "loss": loss,
+                          "lr": self.engine.get_lr()[0], **metrics, "samples_per_s": seen / elapsed})
+                tic, seen = time.perf_counter(), 0
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+        bar.close()
+        self.save_checkpoint()
+        results = {"step": self.step, **self.evaluate()}
+        if t.export:
+            self.export()
+        if self.rank == 0:
+            write_atomic(os.path.join(self.run_dir, "results.json"), json.dumps(results, indent=2))
+        return results

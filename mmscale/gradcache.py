@@ -1,0 +1,77 @@
+"""Gradient cache (Gao et al. 2021) for any loss that couples the samples of a batch.
+
+1. embed every chunk without autograd (activations of one chunk alive at a time),
+2. compute the loss on the detached, concatenated embeddings (this may all-gather) and
+   its gradient w.r.t. them,
+3. re-run each chunk with autograd, replaying the RNG state of step 1 so dropout masks
+   match, and back-propagate <embedding, cached gradient>.
+
+Gradients equal those of one forward/backward over the whole batch; peak activation
+memory is that of one chunk. Outputs named in `shared` (e.g. logit_scale) are not per
+sample: their cached gradient is pushed through once, with the first chunk.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+
+class RngState:
+    """CPU and accelerator RNG state, captured now and restorable later."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+def split_batch(batch: dict, chunk: int) -> list[dict]:
+    n = len(next(iter(batch.values())))
+    return [{k: v[i:i + chunk] for k, v in batch.items()} for i in range(0, n, chunk)]
+
+
+def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], tuple],
+                    batch: dict, chunk: int, backward: Callable[[torch.Tensor, bool], None],
+                    shared: Iterable[str] = ()) -> tuple[torch.Tensor, dict]:
+    """One gradient-cached forward/backward; the caller steps the optimizer.
+
+    forward(chunk_batch) -> dict of outputs; loss_fn(outputs) -> (loss, metrics) with no
+    parameters of its own; backward(surrogate, is_last_chunk) runs the engine's backward.
+    """
+    shared = set(shared)
+    chunks = split_batch(batch, chunk)
+    states, outs = [], []
+    with torch.no_grad():
+        for c in chunks:
+            states.append(RngState())
+            outs.append(forward(c))
+
+    leaves = {}
+    for k in outs[0]:
+        v = outs[0][k] if k in shared else torch.cat([o[k] for o in outs])
+        leaves[k] = v.detach().float().requires_grad_(True)
+    loss, metrics = loss_fn(leaves)
+    loss.backward()
+    cached = {k: v.grad for k, v in leaves.items()}
+    del outs, leaves
+
+    for i, (c, state) in enumerate(zip(chunks, states)):
+        state.restore()
+        out = forward(c)
+        rows = slice(i * chunk, i * chunk + len(next(iter(c.values()))))
+        terms = []
+        for k, v in out.items():
+            if not v.requires_grad or cached[k] is None:
+                continue
+            if k in shared:
+                if i == 0:
+                    terms.append((v.float() * cached[k]).sum())
+            else:
+                terms.append((v.float() * cached[k][rows]).sum())
+        backward(torch.stack(terms).sum(), i == len(chunks) - 1)
+    return loss.detach(), metrics

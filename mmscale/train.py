@@ -1,0 +1,38 @@
+"""Entry point: `deepspeed mmscale/train.py RECIPE [key.sub=value ...]`.
+
+Also runs under torchrun, srun or plain python (one process)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmscale.train", description=__doc__)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/cmla.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=3e-4")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from mmscale.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        from mmscale.engine import Trainer
+        from mmscale.tasks import build_task
+        trainer = Trainer(cfg, build_task(cfg))
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mmscale: config error: {e}", file=sys.stderr)
+        return 2
+    results = trainer.fit()
+    if trainer.rank == 0:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+PY = sys.executable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_path(*parts) -> str:
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"needs ../shared/data/{'/'.join(parts)}")
+    return path
+
+
+def tiny_model_config(**changes):
+    """The tiny recipe's model with dropout-free towers, as a ModelConfig."""
+    from mmscale.config import load_config
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), [f"{k}={v}" for k, v in changes.items()])
+    return cfg

@@ -1,0 +1,31 @@
+"""Run a function on N CPU ranks over gloo (the same process-group setup DeepSpeed uses)."""
+import os
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world, port, fn, args, errors):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        fn(rank, world, *args)
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world, *args):
+    from conftest import free_port
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
+    if not errors.empty():
+        raise AssertionError(errors.get())

@@ -1,0 +1,75 @@
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import PY, ROOT
+from mmscale.config import ConfigError, check_world, load_config, save_config
+
+RECIPES = ["tiny.yaml", "cmla.yaml", "cmla_no_heads.yaml", "concat_fusion.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_parse(recipe):
+    cfg = load_config(os.path.join(ROOT, "recipes", recipe))
+    assert cfg.train.global_batch_size > 0
+
+
+def test_cmla_recipe_is_the_paper_setup():
+    cfg = load_config(os.path.join(ROOT, "recipes", "cmla.yaml"))
+    assert cfg.model.image.name == "vit_base_patch16_224" and cfg.model.text.name == "bert-base-uncased"
+    assert cfg.model.heads.enabled and cfg.model.temperature == 0.07 and not cfg.model.learn_temperature
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-4, "cosine")
+    assert (cfg.train.global_batch_size, cfg.train.epochs, cfg.train.zero_stage, cfg.train.precision) == (4096, 15, 2, "bf16")
+    assert 0 < cfg.train.grad_cache_chunk < 4096 // 8
+    assert not load_config(os.path.join(ROOT, "recipes", "cmla_no_heads.yaml")).model.heads.enabled
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"),
+                      ["optim.lr=3e-4", "train.zero_stage=3", "model.heads.enabled=false", "eval.templates=['{}!']"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.zero_stage == 3 and cfg.model.heads.enabled is False
+    assert cfg.eval.templates == ["{}!"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.imag.name=x", "model.imag"),
+    ("train.zero_stage=two", "train.zero_stage"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.image.pretrained=/nonexistent/vit.safetensors", "model.image.pretrained"),
+    ("data.type=coco", "data.root"),
+    ("train.steps=0", "train.steps"),
+])
+def test_bad_input_names_the_key(override, key, tmp_path):
+    over = [override, "train.epochs=0"] if override == "train.steps=0" else [override]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), over)
+
+
+def test_batch_must_divide_ranks_and_chunks():
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["train.global_batch_size=64", "train.grad_cache_chunk=12"])
+    with pytest.raises(ConfigError, match="train.grad_cache_chunk"):
+        check_world(cfg, 2)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        check_world(cfg, 3)
+    cfg.train.grad_cache_chunk = 8
+    assert check_world(cfg, 2) == (32, 8)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["optim.lr=0.5"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again == cfg
+
+
+def test_cli_exits_2_with_one_line_naming_the_key():
+    r = subprocess.run([PY, "mmscale/train.py", "recipes/tiny.yaml", "train.batch=3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.batch" in lines[0] and "unknown key" in lines[0]
+    r = subprocess.run([PY, "mmscale/train.py", "recipes/nope.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "recipes/nope.yaml" in r.stderr
