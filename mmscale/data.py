@@ -41,13 +41,25 @@ class Sample:
 
 
 class CaptionDataset(Dataset):
+    """Items are (image tensor, caption, label). Indexed by (seed, epoch, i) the random
+    augmentation is a function of that key alone, so it is the same whichever worker or
+    resumed run draws it."""
+
     def __init__(self, samples: list[Sample], transform):
         self.samples, self.transform = samples, transform
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            seed, epoch, i = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + i)
+                return self._load(i)
+        return self._load(key)
+
+    def _load(self, i):
         s = self.samples[i]
         image = s.image if isinstance(s.image, Image.Image) else Image.open(s.image)
         return self.transform(image), s.caption, s.label
@@ -135,11 +147,11 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
-    def local_indices(self, epoch: int, step: int) -> list[int]:
+    def local_indices(self, epoch: int, step: int) -> list[tuple]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(len(self.dataset), generator=g)
         start = step * self.global_batch + self.rank * self.local_batch
-        return perm[start:start + self.local_batch].tolist()
+        return [(self.seed, epoch, i) for i in perm[start:start + self.local_batch].tolist()]
 
     def __iter__(self):
         while True:
@@ -153,3 +165,49 @@ class BatchStream:
                 if self.step == self.steps_per_epoch:
                     self.epoch, self.step = self.epoch + 1, 0
                 yield batch
+
+
+class ShardStream:
+    """Streams WebDataset shards (tools/build_shards.py output) for training.
+
+    Shards are resampled: every rank and loader worker draws shards with its own seed, the
+    usual setup for multi-node streaming (no constraint between shard and rank counts).
+    Steps per epoch come from data.num_samples so the LR schedule is right. Resume restores
+    the step and epoch; the samples after a resume are a fresh draw, not a replay.
+    Undecodable samples are skipped with a warning rather than stopping the run.
+    """
+
+    def __init__(self, urls: str, num_samples: int, transform, collate, global_batch: int, rank: int,
+                 world: int, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 5000):
+        self.urls, self.transform, self.collate = urls, transform, collate
+        self.local_batch, self.rank, self.seed = global_batch // world, rank, seed
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.steps_per_epoch = num_samples // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.num_samples: {num_samples} is smaller than one global batch ({global_batch})")
+        self.epoch, self.step = 0, 0
+
+    state_dict = BatchStream.state_dict
+    load_state_dict = BatchStream.load_state_dict
+
+    def _pipeline(self):
+        import webdataset as wds
+        skip = wds.warn_and_continue
+        return wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=self.seed * 100_003 + self.rank * 1_009 + self.epoch, deterministic=True),
+            wds.tarfile_to_samples(handler=skip),
+            wds.shuffle(self.shuffle_buffer),
+            wds.decode("pil", handler=skip),
+            wds.to_tuple("jpg;jpeg;png;webp", "txt", handler=skip),
+            wds.map(lambda s: (self.transform(s[0]), s[1].strip(), -1), handler=skip),
+            wds.batched(self.local_batch, collation_fn=self.collate, partial=False),
+        )
+
+    def __iter__(self):
+        import webdataset as wds
+        loader = wds.WebLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers)
+        for batch in loader:
+            self.step += 1
+            if self.step == self.steps_per_epoch:
+                self.epoch, self.step = self.epoch + 1, 0
+            yield batch

@@ -1,0 +1,89 @@
+import os
+
+import torch
+
+from conftest import shared_path
+from mmscale.config import DataConfig
+from mmscale.data import BatchStream, CaptionDataset, Collate, image_transform, load_splits
+
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, key):
+        return key[2]
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_ranks_partition_each_epoch_and_resume_exactly():
+    collate = lambda items: list(items)
+    ranks = [BatchStream(Items(), collate, global_batch=8, rank=r, world=2, seed=3) for r in range(2)]
+    assert ranks[0].steps_per_epoch == 6  # 50 // 8, the tail is dropped
+    epoch0 = [take(s, 6) for s in ranks]
+    seen = [i for r in epoch0 for b in r for i in b]
+    assert len(seen) == len(set(seen)) == 48
+    assert ranks[0].state_dict() == {"epoch": 1, "step": 0}
+    # a new stream restored at (epoch 0, step 2) yields what the original yielded from there
+    again = BatchStream(Items(), collate, global_batch=8, rank=1, world=2, seed=3)
+    again.load_state_dict({"epoch": 0, "step": 2})
+    assert take(again, 4) == epoch0[1][2:]
+    # the next epoch is a different permutation
+    assert take(ranks[0], 1)[0] != epoch0[0][0]
+
+
+def test_digits_captions_and_augmentation_are_keyed():
+    splits = load_splits(DataConfig(type="digits", caption_template="a photo of the number {}.", eval_fraction=0.2))
+    assert len(splits.train) + len(splits.eval) == 1797 and len(splits.classnames) == 10
+    s = splits.train[0]
+    assert s.caption == f"a photo of the number {splits.classnames[s.label]}."
+    ds = CaptionDataset(splits.train, image_transform(32, train=True))
+    a, b = ds[(0, 1, 5)][0], ds[(0, 1, 5)][0]
+    assert a.shape == (3, 32, 32) and torch.equal(a, b)
+    # an 8x8 digit has few distinct crops, so some other epoch must differ, not every one
+    assert any(not torch.equal(a, ds[(0, e, 5)][0]) for e in range(2, 12))
+
+
+def test_cifar10_folders_from_shared():
+    root = shared_path("cifar10", "train")
+    splits = load_splits(DataConfig(type="imagefolder", root=root, max_per_class=20, eval_fraction=0.25))
+    assert splits.classnames[:3] == ["airplane", "automobile", "bird"]
+    assert len(splits.train) == 150 and len(splits.eval) == 50
+    ds = CaptionDataset(splits.eval, image_transform(32, train=False))
+    collate = Collate(lambda texts: {"input_ids": torch.tensor([[len(t)] for t in texts]),
+                                     "attention_mask": torch.ones(len(texts), 1, dtype=torch.long)})
+    batch = collate([ds[i] for i in range(4)])
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].tolist() == [0] * 4
+
+
+def write_digit_shards(folder, per_shard=100, shards=3):
+    import webdataset as wds
+    splits = load_splits(DataConfig(type="digits", caption_template="a photo of the number {}.", eval_fraction=0.0))
+    os.makedirs(folder, exist_ok=True)
+    k = 0
+    for s in range(shards):
+        with wds.TarWriter(os.path.join(folder, f"{s:05d}.tar")) as sink:
+            for _ in range(per_shard):
+                sample = splits.train[k]
+                sink.write({"__key__": f"{k:08d}", "png": sample.image, "txt": sample.caption})
+                k += 1
+    return os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))
+
+
+def test_training_streams_webdataset_shards(tmp_path):
+    """Two steps of the tiny recipe on shards written with webdataset's TarWriter."""
+    import subprocess, json, sys
+    from conftest import ROOT
+    urls = write_digit_shards(str(tmp_path / "shards"))
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "mmscale/train.py", "recipes/tiny.yaml", "data.type=webdataset",
+                        f"data.shards={urls}", "data.num_samples=300", "data.shuffle_buffer=50",
+                        "train.steps=2", "train.log_every=1", f"train.run_dir={run}", "train.export=false"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    losses = [json.loads(l) for l in open(run / "metrics.jsonl") if '"loss"' in l]
+    assert [x["step"] for x in losses] == [1, 2] and all(x["epoch"] == 0 for x in losses)
