@@ -78,10 +78,11 @@ class DataConfig:
     # digits: scikit-learn's 8x8 handwritten digits with captions (ships with scikit-learn)
     # imagefolder: <root>/<class>/*.jpg with captions made from class names
     # coco: COCO captions json + image folder
-    # webdataset: tar shards from tools/build_shards.py, streamed
-    type: Literal["digits", "imagefolder", "coco", "webdataset"] = "digits"
+    # shards: the output folder of tools/build_shards.py, read by index (exact resume)
+    # webdataset: any tar shards, streamed with resampling (resume restores the step, not the samples)
+    type: Literal["digits", "imagefolder", "coco", "shards", "webdataset"] = "digits"
     root: str = ""
-    shards: str = ""  # webdataset: brace pattern, e.g. /data/cc3m/{00000..00331}.tar
+    shards: str = ""  # shards: a folder; webdataset: a brace pattern, e.g. /data/cc3m/{00000..00331}.tar
     num_samples: int = 0  # webdataset: samples per epoch (sets steps per epoch and the LR schedule)
     shuffle_buffer: int = 5000
     captions: str = ""  # coco: the captions json
@@ -272,6 +273,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.root: folder not found: {d.root!r}")
         if not os.path.isfile(d.captions):
             raise ConfigError(f"data.captions: file not found: {d.captions!r}")
+    if d.type == "shards" and not os.path.isfile(os.path.join(d.shards, "_meta", "shards.json")):
+        raise ConfigError(f"data.shards: no shard index in {d.shards!r} (build it with tools/build_shards.py)")
     if d.type == "webdataset":
         if not d.shards:
             raise ConfigError("data.shards: required for data.type webdataset")

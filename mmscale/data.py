@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,29 +41,92 @@ class Sample:
     label: int = -1
 
 
-class CaptionDataset(Dataset):
-    """Items are (image tensor, caption, label). Indexed by (seed, epoch, i) the random
-    augmentation is a function of that key alone, so it is the same whichever worker or
-    resumed run draws it."""
+class KeyedDataset(Dataset):
+    """Items are (image tensor, caption, label, skipped).
 
+    Indexed by (seed, epoch, i), the random augmentation is a function of that key alone, so it
+    is the same whichever worker or resumed run draws it. A sample that cannot be read is
+    replaced by the next readable one (deterministically, so resume stays exact) and counted
+    in `skipped`, which travels with the batch to the engine's log.
+    """
+
+    max_skip = 16
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def load(self, i: int) -> tuple:  # (PIL image, caption, label)
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        return str(i)
+
+    def __getitem__(self, key):
+        seed, epoch, i = key if isinstance(key, tuple) else (0, 0, key)
+        for skipped in range(self.max_skip):
+            j = (i + skipped) % len(self)
+            try:
+                image, caption, label = self.load(j)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
+                    return self.transform(image), caption, label, skipped
+            except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
+                warnings.warn(f"skipping unreadable sample {self.name(j)}: {e}")
+        raise RuntimeError(f"{self.max_skip} unreadable samples in a row from {self.name(i)}")
+
+
+class CaptionDataset(KeyedDataset):
     def __init__(self, samples: list[Sample], transform):
-        self.samples, self.transform = samples, transform
+        super().__init__(transform)
+        self.samples = samples
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, key):
-        if isinstance(key, tuple):
-            seed, epoch, i = key
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + i)
-                return self._load(i)
-        return self._load(key)
+    def name(self, i):
+        return str(self.samples[i].image) if not isinstance(self.samples[i].image, Image.Image) else f"#{i}"
 
-    def _load(self, i):
+    def load(self, i):
         s = self.samples[i]
         image = s.image if isinstance(s.image, Image.Image) else Image.open(s.image)
-        return self.transform(image), s.caption, s.label
+        image.load()
+        return image, s.caption, s.label
+
+
+class ShardDataset(KeyedDataset):
+    """Random access into the tar shards of tools/build_shards.py through webdataset's wids
+    index, so the exact, resumable BatchStream works on shards as on folders."""
+
+    def __init__(self, folder: str, transform):
+        from .shards import read_index
+        super().__init__(transform)
+        self.shardlist = read_index(folder)
+        self.size = sum(s["nsamples"] for s in self.shardlist)
+        self._ds = None  # opened lazily: each loader worker needs its own file handles
+
+    def __len__(self):
+        return self.size
+
+    def _dataset(self):
+        if self._ds is None:
+            import contextlib
+            import io
+            import wids
+            with contextlib.redirect_stderr(io.StringIO()):  # wids prints a banner per open
+                self._ds = wids.ShardListDataset(self.shardlist, transformations=[])
+        return self._ds
+
+    def name(self, i):
+        return f"sample {i} of {len(self.shardlist)} shards"
+
+    def load(self, i):
+        sample = self._dataset()[i]
+        image_key = next((k for k in (".jpg", ".jpeg", ".png", ".webp") if k in sample), None)
+        if image_key is None or ".txt" not in sample:
+            raise ValueError(f"{sample.get('__key__')} has no image or no .txt")
+        image = Image.open(sample[image_key])
+        image.load()
+        return image, sample[".txt"].read().decode("utf-8").strip(), -1
 
 
 @dataclass
@@ -120,8 +184,9 @@ class Collate:
         self.tokenize = tokenize
 
     def __call__(self, items):
-        images, captions, labels = zip(*items)
-        return {"image": torch.stack(images), **self.tokenize(list(captions)), "label": torch.tensor(labels)}
+        images, captions, labels, skipped = zip(*items)
+        return {"image": torch.stack(images), **self.tokenize(list(captions)), "label": torch.tensor(labels),
+                "skipped": torch.tensor(sum(skipped))}
 
 
 def collate_images_labels(items):
@@ -199,7 +264,7 @@ class ShardStream:
             wds.shuffle(self.shuffle_buffer),
             wds.decode("pil", handler=skip),
             wds.to_tuple("jpg;jpeg;png;webp", "txt", handler=skip),
-            wds.map(lambda s: (self.transform(s[0]), s[1].strip(), -1), handler=skip),
+            wds.map(lambda s: (self.transform(s[0]), s[1].strip(), -1, 0), handler=skip),
             wds.batched(self.local_batch, collation_fn=self.collate, partial=False),
         )
 

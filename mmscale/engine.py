@@ -109,6 +109,7 @@ class Trainer:
             config=deepspeed_config(cfg, self.local_batch),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.step = 0
+        self.skipped = 0  # unreadable samples this rank replaced so far
 
     # ------------------------------------------------------------ step
 
@@ -133,7 +134,8 @@ class Trainer:
     def train_step(self, batch: dict) -> tuple[float, dict]:
         # per-step seeding keeps dropout/augmentation identical across a resume
         torch.manual_seed(hash((self.cfg.train.seed, self.step, self.rank)) % 2 ** 62)
-        batch = self.to_device({k: v for k, v in batch.items() if k != "label"})
+        self.skipped += int(batch["skipped"])
+        batch = self.to_device({k: v for k, v in batch.items() if k not in ("label", "skipped")})
         loss, metrics = self.forward_backward(batch)
         self.engine.step()
         self.step += 1
@@ -146,7 +148,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         tag = f"step{self.step:08d}"
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False,
-                                    client_state={"step": self.step, "data": self.stream.state_dict()})
+                                    client_state={"step": self.step, "data": self.stream.state_dict(),
+                                                  "skipped": self.skipped_total()})
         dist.barrier()
         if self.rank == 0:
             # only a fully written checkpoint becomes `latest`; a kill before this line leaves
@@ -165,10 +168,17 @@ class Trainer:
             return False
         self.step = client["step"]
         self.stream.load_state_dict(client["data"])
+        # the total so far is carried by rank 0; the other ranks restart their own count
+        self.skipped = client.get("skipped", 0) if self.rank == 0 else 0
         self.log({"event": "resumed", "step": self.step, "checkpoint": path})
         return True
 
     # ------------------------------------------------------------ logging, eval, export
+
+    def skipped_total(self) -> int:
+        total = torch.tensor(self.skipped, device=self.device)
+        dist.all_reduce(total)
+        return int(total)
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
@@ -215,7 +225,8 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - tic
                 self.log({"step": self.step, "epoch": self.stream.epoch, "loss": loss,
-                          "lr": self.engine.get_lr()[0], **metrics, "samples_per_s": seen / elapsed})
+                          "lr": self.engine.get_lr()[0], **metrics, "samples_per_s": seen / elapsed,
+                          "skipped_samples": self.skipped_total()})
                 tic, seen = time.perf_counter(), 0
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()

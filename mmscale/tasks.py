@@ -15,7 +15,7 @@ import os
 from torch.utils.data import DataLoader
 
 from .config import Config, save_config
-from .data import (BatchStream, CaptionDataset, Collate, ShardStream, Splits, collate_images_labels,
+from .data import (BatchStream, CaptionDataset, Collate, ShardDataset, ShardStream, Splits, collate_images_labels,
                    image_transform, load_splits)
 from .evaluate import zeroshot_accuracy, zeroshot_classifier
 from .losses import contrastive_loss
@@ -39,7 +39,7 @@ class ClipTask:
         return loss, {"temperature": 1.0 / out["logit_scale"].detach().float().item()}
 
     def _splits(self):
-        if self.cfg.data.type == "webdataset":
+        if self.cfg.data.type in ("shards", "webdataset"):
             return Splits([], [], [])  # streamed data has no held-out split; eval sets come from eval.*
         if self.splits is None:
             self.splits = load_splits(self.cfg.data)
@@ -51,7 +51,10 @@ class ClipTask:
             return ShardStream(d.shards, d.num_samples, image_transform(size, train=True),
                                Collate(model.text_tower.tokenize_fn()), self.cfg.train.global_batch_size,
                                rank, world, seed=d.seed, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
-        ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
+        if d.type == "shards":
+            ds = ShardDataset(d.shards, image_transform(size, train=True))
+        else:
+            ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
         return BatchStream(ds, Collate(model.text_tower.tokenize_fn()), self.cfg.train.global_batch_size,
                            rank, world, seed=self.cfg.data.seed, num_workers=self.cfg.data.num_workers)
 

@@ -11,19 +11,28 @@ RECIPES = ["tiny.yaml", "cmla.yaml", "cmla_no_heads.yaml", "concat_fusion.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipes_parse(recipe):
-    cfg = load_config(os.path.join(ROOT, "recipes", recipe))
+def test_recipes_parse(recipe, tmp_path):
+    # the CC3M recipes point at /data/cc3m; any folder with a shard index stands in for it
+    (tmp_path / "_meta").mkdir()
+    (tmp_path / "_meta" / "shards.json").write_text("{}")
+    cfg = load_config(os.path.join(ROOT, "recipes", recipe), [f"data.shards={tmp_path}"])
     assert cfg.train.global_batch_size > 0
 
 
-def test_cmla_recipe_is_the_paper_setup():
-    cfg = load_config(os.path.join(ROOT, "recipes", "cmla.yaml"))
+def test_cmla_recipe_is_the_paper_setup(tmp_path):
+    (tmp_path / "_meta").mkdir()
+    (tmp_path / "_meta" / "shards.json").write_text("{}")
+    cfg = load_config(os.path.join(ROOT, "recipes", "cmla.yaml"), [f"data.shards={tmp_path}"])
     assert cfg.model.image.name == "vit_base_patch16_224" and cfg.model.text.name == "bert-base-uncased"
     assert cfg.model.heads.enabled and cfg.model.temperature == 0.07 and not cfg.model.learn_temperature
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-4, "cosine")
     assert (cfg.train.global_batch_size, cfg.train.epochs, cfg.train.zero_stage, cfg.train.precision) == (4096, 15, 2, "bf16")
     assert 0 < cfg.train.grad_cache_chunk < 4096 // 8
-    assert not load_config(os.path.join(ROOT, "recipes", "cmla_no_heads.yaml")).model.heads.enabled
+    assert cfg.data.type == "shards" and cfg.data.shards == str(tmp_path)
+    assert not load_config(os.path.join(ROOT, "recipes", "cmla_no_heads.yaml"),
+                           [f"data.shards={tmp_path}"]).model.heads.enabled
+    with pytest.raises(ConfigError, match="data.shards"):
+        load_config(os.path.join(ROOT, "recipes", "cmla.yaml"), ["data.shards=/nonexistent/cc3m"])
 
 
 def test_dotted_overrides_are_typed():

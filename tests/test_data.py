@@ -7,7 +7,7 @@ from mmscale.config import DataConfig
 from mmscale.data import BatchStream, CaptionDataset, Collate, image_transform, load_splits
 
 
-class Items(torch.utils.data.Dataset):
+class Items(torch.utils.data.Dataset):  # the key is the item
     def __len__(self):
         return 50
 
@@ -60,8 +60,11 @@ def test_cifar10_folders_from_shared():
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].tolist() == [0] * 4
 
 
-def write_digit_shards(folder, per_shard=100, shards=3):
+def write_digit_shards(folder, per_shard=100, shards=3, corrupt=()):
+    """Digits as tar shards in build_shards' layout (tars + _meta/shards.json); the sample
+    numbers in `corrupt` get bytes that are no image."""
     import webdataset as wds
+    from mmscale.shards import write_index
     splits = load_splits(DataConfig(type="digits", caption_template="a photo of the number {}.", eval_fraction=0.0))
     os.makedirs(folder, exist_ok=True)
     k = 0
@@ -69,9 +72,29 @@ def write_digit_shards(folder, per_shard=100, shards=3):
         with wds.TarWriter(os.path.join(folder, f"{s:05d}.tar")) as sink:
             for _ in range(per_shard):
                 sample = splits.train[k]
-                sink.write({"__key__": f"{k:08d}", "png": sample.image, "txt": sample.caption})
+                image = b"not a png" if k in corrupt else sample.image
+                sink.write({"__key__": f"{k:08d}", "png": image, "txt": sample.caption})
                 k += 1
+    write_index(folder, [{"url": f"{s:05d}.tar", "nsamples": per_shard} for s in range(shards)])
     return os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))
+
+
+def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):
+    import warnings
+    from mmscale.data import ShardDataset
+    write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt={12})
+    ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
+    assert len(ds) == 20
+    image, caption, label, skipped = ds[(0, 0, 3)]
+    assert image.shape == (3, 32, 32) and caption.startswith("a photo of the number") and skipped == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        replaced = ds[(0, 0, 12)]
+    assert replaced[3] == 1 and "sample 12" in str(caught[0].message)
+    assert torch.equal(replaced[0], ds[(0, 0, 13)][0])  # the next sample stands in, deterministically
+    stream = BatchStream(ds, Collate(lambda t: {"input_ids": torch.zeros(len(t), 1)}), 20, 0, 1, seed=0)
+    batch = next(iter(stream))
+    assert int(batch["skipped"]) == 1 and batch["image"].shape[0] == 20
 
 
 def test_training_streams_webdataset_shards(tmp_path):

@@ -1,0 +1,152 @@
+"""URL + caption lists -> filtered WebDataset shards, with img2dataset doing the downloading.
+
+CMLA's filters: captions that are empty, too short or too long are dropped before anything is
+downloaded; images under 200x200 (before resizing) and images that do not decode are dropped by
+img2dataset's resizer (`min_image_size`; cv2 rejects truncated files). What img2dataset writes is
+the training set: its per-shard `*_stats.json` give every counter, and a wids index
+(`_meta/shards.json`, sample counts per shard) lets training read the shards by index, which is
+what makes resume exact. Both live in `_meta/` because img2dataset's resume parses every top-level
+`*.json` of the output folder as a shard's stats. img2dataset's incremental mode makes a second run on the same output finish
+the missing shards instead of starting over.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+META = "_meta"
+# img2dataset's resizer reports these; they are filters, not download failures
+RESIZER_FILTERS = {"image too small": "image_too_small", "Image decoding error": "undecodable",
+                   "image area too large": "image_area_too_large", "aspect ratio too large": "aspect_ratio_too_large"}
+
+
+@dataclass
+class BuildOptions:
+    image_size: int = 256
+    resize_mode: str = "border"  # img2dataset: no, border, keep_ratio, keep_ratio_largest, center_crop
+    min_image_size: int = 200
+    min_caption_words: int = 1
+    max_caption_words: int = 64
+    processes: int = 1
+    threads: int = 16
+    shard_size: int = 10000
+    timeout: int = 10
+    retries: int = 0
+    caption_col: str = "caption"
+    url_col: str = "url"
+
+
+def read_pairs(path: str, caption_col: str = "caption", url_col: str = "url"):
+    """A DataFrame with `caption` and `url`. CC3M's TSV has no header: caption<TAB>url."""
+    import pandas as pd
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input: file not found: {path}")
+    if path.endswith(".parquet"):
+        df = pd.read_parquet(path)
+    elif path.endswith(".tsv"):
+        with open(path) as f:
+            first = f.readline().rstrip("\n").split("\t")
+        headerless = len(first) >= 2 and first[1].startswith(("http://", "https://"))
+        if headerless:
+            df = pd.read_csv(path, sep="\t", header=None, names=[caption_col, url_col], quoting=3,
+                             keep_default_na=False, dtype=str)
+        else:
+            df = pd.read_csv(path, sep="\t", keep_default_na=False, dtype=str)
+    else:
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    for col in (caption_col, url_col):
+        if col not in df.columns:
+            raise ValueError(f"input: {path} has no column {col!r} (columns: {list(df.columns)})")
+    return df.rename(columns={caption_col: "caption", url_col: "url"})[["caption", "url"]].fillna("")
+
+
+def caption_verdict(caption: str, opts: BuildOptions) -> str | None:
+    words = caption.split()
+    if not words:
+        return "caption_empty"
+    if len(words) < opts.min_caption_words:
+        return "caption_too_short"
+    if len(words) > opts.max_caption_words:
+        return "caption_too_long"
+    return None
+
+
+def summarize(out_dir: str, requested: int, caption_filtered: Counter) -> dict:
+    paths = sorted(glob.glob(os.path.join(out_dir, "*_stats.json")))
+    stats = [json.load(open(p)) for p in paths]
+    status = Counter()
+    for s in stats:
+        status.update(s.get("status_dict", {}))
+    attempted = sum(s["count"] for s in stats)
+    failed = {msg: n for msg, n in status.items() if msg != "success" and msg not in RESIZER_FILTERS}
+    filtered = dict(caption_filtered)
+    filtered.update({RESIZER_FILTERS[m]: n for m, n in status.items() if m in RESIZER_FILTERS})
+    # 00012_stats.json describes 00012.tar
+    shards = [{"url": os.path.basename(p)[:-len("_stats.json")] + ".tar", "nsamples": s["successes"]}
+              for p, s in zip(paths, stats) if s["successes"] > 0]
+    return {
+        "requested": requested,
+        "attempted": attempted,
+        "downloaded": attempted - sum(failed.values()),
+        "failed": dict(sorted(failed.items())),
+        "filtered": dict(sorted(filtered.items())),
+        "kept": sum(s["successes"] for s in stats),
+        "shards": len(shards),
+        "shard_index": "_meta/shards.json",
+        "_shardlist": shards,
+    }
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_index(out_dir: str, shardlist: list[dict]) -> str:
+    """wids-style shard index; urls are relative to the shards folder."""
+    path = os.path.join(out_dir, META, "shards.json")
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": os.path.basename(os.path.abspath(out_dir)),
+             "shardlist": shardlist}
+    write_json(path, index)
+    return path
+
+
+def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+    from img2dataset import download
+    df = read_pairs(input_path, opts.caption_col, opts.url_col)
+    verdicts = df["caption"].map(lambda c: caption_verdict(c, opts))
+    caption_filtered = Counter(v for v in verdicts if v)
+    keep = df[verdicts.isna()].reset_index(drop=True)
+    os.makedirs(out_dir, exist_ok=True)
+    # a deterministic file, so a rerun hands img2dataset the same shards and it resumes
+    url_list = os.path.join(out_dir, META, "urls.parquet")
+    os.makedirs(os.path.dirname(url_list), exist_ok=True)
+    keep.to_parquet(url_list + ".tmp", index=False)
+    os.replace(url_list + ".tmp", url_list)
+    if len(keep):
+        download(url_list=url_list, output_folder=out_dir, output_format="webdataset", input_format="parquet",
+                 url_col="url", caption_col="caption", image_size=opts.image_size, resize_mode=opts.resize_mode,
+                 min_image_size=opts.min_image_size, processes_count=opts.processes, thread_count=opts.threads,
+                 number_sample_per_shard=opts.shard_size, timeout=opts.timeout, retries=opts.retries,
+                 incremental_mode="incremental", enable_wandb=False, distributor="multiprocessing")
+    summary = summarize(out_dir, len(df), caption_filtered)
+    write_index(out_dir, summary.pop("_shardlist"))
+    write_json(os.path.join(out_dir, META, "summary.json"), summary)
+    return summary
+
+
+def read_index(folder: str) -> list[dict]:
+    """[{url: absolute tar path, nsamples}] of a folder written by build_shards."""
+    path = os.path.join(folder, META, "shards.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.shards: no shard index {path} (build it with tools/build_shards.py)")
+    with open(path) as f:
+        index = json.load(f)
+    return [{"url": os.path.join(folder, s["url"]), "nsamples": s["nsamples"]} for s in index["shardlist"]]

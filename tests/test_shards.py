@@ -1,0 +1,118 @@
+"""tools/build_shards.py end to end: the real img2dataset against a loopback HTTP server."""
+import functools
+import glob
+import io
+import json
+import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED
+from mmscale.shards import BuildOptions, build_shards
+
+
+class Server:
+    """Serves a folder on 127.0.0.1 and counts the requests it answers."""
+
+    def __init__(self, root):
+        self.hits = 0
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self):
+                server.hits += 1
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def real_photos(n):
+    """COCO-MINI photos when ../shared is here, else generated 256x256 images."""
+    files = sorted(glob.glob(os.path.join(SHARED, "coco-mini", "val2017", "*.jpg")))[:n]
+    if len(files) == n:
+        return [open(f, "rb").read() for f in files]
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (256, 240, 3), dtype=np.uint8)).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture
+def site(tmp_path):
+    root = tmp_path / "site"
+    root.mkdir()
+    photos = real_photos(9)
+    rows = []
+    for i, data in enumerate(photos[:6]):  # good
+        (root / f"good{i}.jpg").write_bytes(data)
+        rows.append((f"a photo number {i} of something", f"good{i}.jpg"))
+    for i, data in enumerate(photos[6:8]):  # truncated JPEGs
+        (root / f"cut{i}.jpg").write_bytes(data[:len(data) // 2])
+        rows.append((f"a truncated photo {i}", f"cut{i}.jpg"))
+    for i in range(3):  # tiny: 150 px, or CIFAR-10's 32 px
+        img = Image.new("RGB", (150, 300), (i * 40, 100, 200))
+        cifar = glob.glob(os.path.join(SHARED, "cifar10", "test", "cat", f"000{i}.jpg"))
+        if cifar:
+            img = Image.open(cifar[0])
+        img.save(root / f"tiny{i}.png")
+        rows.append((f"a tiny image {i}", f"tiny{i}.png"))
+    rows += [("a missing photo", "missing0.jpg"), ("another missing photo", "missing1.jpg")]  # 404
+    rows += [("", "good0.jpg"), ("   ", "good1.jpg")]  # empty captions
+    rows += [("word " * 80, "good2.jpg")]  # too long
+    server = Server(str(root))
+    tsv = tmp_path / "cc3m.tsv"  # CC3M layout: caption<TAB>url, no header
+    tsv.write_text("".join(f"{c}\t{server.url}/{u}\n" for c, u in rows))
+    yield tsv, server
+    server.close()
+
+
+def test_every_counter_and_resume(site, tmp_path):
+    tsv, server = site
+    out = tmp_path / "shards"
+    opts = BuildOptions(image_size=64, shard_size=4, threads=4, processes=1, min_image_size=200, max_caption_words=64)
+    summary = build_shards(str(tsv), str(out), opts)
+    assert summary["requested"] == 16
+    assert summary["filtered"] == {"caption_empty": 2, "caption_too_long": 1, "image_too_small": 3, "undecodable": 2}
+    assert summary["attempted"] == 13
+    assert summary["failed"] == {"HTTP Error 404: File not found": 2}
+    assert summary["downloaded"] == 11
+    assert summary["kept"] == 6
+    index = json.load(open(out / "_meta" / "shards.json"))
+    assert json.load(open(out / "_meta" / "summary.json")) == summary
+    assert sum(s["nsamples"] for s in index["shardlist"]) == 6
+    assert summary["shards"] == len(index["shardlist"]) >= 2
+    import webdataset as wds
+    samples = list(wds.WebDataset([str(out / s["url"]) for s in index["shardlist"]], shardshuffle=False).decode("pil"))
+    assert len(samples) == 6
+    assert {s["txt"] for s in samples} == {f"a photo number {i} of something" for i in range(6)}
+    assert all(s["jpg"].size == (64, 64) for s in samples)
+
+    hits = server.hits
+    again = build_shards(str(tsv), str(out), opts)
+    assert again == summary
+    assert server.hits == hits, "a second run must resume, not download again"
+
+
+def test_cli_names_missing_column(tmp_path):
+    import subprocess, sys
+    from conftest import ROOT
+    csv = tmp_path / "x.csv"
+    csv.write_text("text,link\nhello,http://127.0.0.1:9/a.jpg\n")
+    r = subprocess.run([sys.executable, "tools/build_shards.py", str(csv), str(tmp_path / "o")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "column 'caption'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
