@@ -93,6 +93,10 @@ class CaptionDataset(KeyedDataset):
         return image, s.caption, s.label
 
 
+def _in_place(url: str) -> str:
+    return url
+
+
 class ShardDataset(KeyedDataset):
     """Random access into the tar shards of tools/build_shards.py through webdataset's wids
     index, so the exact, resumable BatchStream works on shards as on folders."""
@@ -113,7 +117,9 @@ class ShardDataset(KeyedDataset):
             import io
             import wids
             with contextlib.redirect_stderr(io.StringIO()):  # wids prints a banner per open
-                self._ds = wids.ShardListDataset(self.shardlist, transformations=[])
+                # read local shards in place: wids' default copies them into a cache keyed by
+                # path, which serves stale data once a folder is rebuilt
+                self._ds = wids.ShardListDataset(self.shardlist, transformations=[], localname=_in_place)
         return self._ds
 
     def name(self, i):

@@ -95,6 +95,10 @@ def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):
     stream = BatchStream(ds, Collate(lambda t: {"input_ids": torch.zeros(len(t), 1)}), 20, 0, 1, seed=0)
     batch = next(iter(stream))
     assert int(batch["skipped"]) == 1 and batch["image"].shape[0] == 20
+    # a rebuilt folder is read afresh (wids' default cache would serve the old shards)
+    write_digit_shards(str(tmp_path), per_shard=15, shards=2)
+    rebuilt = ShardDataset(str(tmp_path), image_transform(32, train=False))
+    assert len(rebuilt) == 30 and rebuilt[(0, 0, 29)][3] == 0 and rebuilt[(0, 0, 12)][3] == 0
 
 
 def test_training_streams_webdataset_shards(tmp_path):
