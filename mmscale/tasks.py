@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 
-from torch.utils.data import DataLoader
-
 from .config import Config, save_config
-from .data import (BatchStream, CaptionDataset, Collate, ShardDataset, ShardStream, Splits, collate_images_labels,
-                   image_transform, load_splits)
-from .evaluate import zeroshot_accuracy, zeroshot_classifier
+from .data import (BatchStream, CaptionDataset, Collate, ShardDataset, ShardStream, Splits, image_transform,
+                   load_splits)
+from .evaluate import resolve_templates, run_evaluations, zeroshot_eval
 from .losses import contrastive_loss
 from .models import DualEncoder
 
@@ -59,20 +57,25 @@ class ClipTask:
                            rank, world, seed=self.cfg.data.seed, num_workers=self.cfg.data.num_workers)
 
     def evaluate(self, model: DualEncoder, device, dtype) -> dict:
-        """Zero-shot top-1/top-5 on the held-out split. Every rank runs it (ZeRO-3 needs all
-        ranks in each forward); the eval split is small, so no sharding."""
-        splits = self._splits()
-        if not (self.cfg.eval.zeroshot and splits.eval and splits.classnames):
-            return {}
+        """Zero-shot top-1/top-5 on the held-out split plus the eval.* datasets (zero-shot,
+        retrieval, linear probe). Every rank calls it: evaluate.py shards the images over
+        the ranks and all-gathers the embeddings, so every rank runs the same forwards."""
+        e = self.cfg.eval
         size = self.cfg.model.image.image_size
-        ds = CaptionDataset(splits.eval, image_transform(size, train=False))
-        loader = DataLoader(ds, batch_size=256, collate_fn=collate_images_labels)
         was_training = model.training
         model.eval()
-        classifier = zeroshot_classifier(model, splits.classnames, self.cfg.eval.templates, device, dtype)
-        metrics = zeroshot_accuracy(model, loader, classifier, device, dtype)
+        metrics = {}
+        splits = self._splits()
+        if e.zeroshot and splits.eval and splits.classnames:
+            metrics.update({f"zeroshot/{k}": v for k, v in zeroshot_eval(
+                model, splits.eval, splits.classnames, resolve_templates(e.templates), size, device, dtype,
+                e.batch_size).items()})
+        extra, _ = run_evaluations(
+            model, {"zeroshot": e.zeroshot_datasets, "retrieval": e.retrieval_datasets, "linear_probe": e.linear_probe},
+            templates=e.templates, image_size=size, device=device, dtype=dtype, max_per_class=e.max_per_class,
+            max_images=e.max_images, retrieval_k=e.retrieval_k, batch_size=e.batch_size)
         model.train(was_training)
-        return {f"zeroshot/{k}": v for k, v in metrics.items()}
+        return {**metrics, **extra}
 
     def save_export_config(self, model: DualEncoder, folder: str) -> None:
         """config.yaml that rebuilds the exported model offline: the HF text tower's config and
