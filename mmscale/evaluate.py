@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from .data import IMAGE_EXTS, CaptionDataset, Sample, collate_images_labels, image_transform
+from .losses import rank_and_world
 
 # ---------------------------------------------------------------- prompt templates
 
@@ -187,22 +188,16 @@ def load_captions(spec: str, max_images: int = 0) -> tuple[list[str], list[str],
 
 # ---------------------------------------------------------------- embeddings (rank-aware)
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _my_shard(n: int) -> tuple[list[int], int]:
     """This rank's indices, padded so every rank gets the same count (same number of forwards)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     per = -(-n // world)
     idx = list(range(rank * per, min(n, (rank + 1) * per)))
     return idx + [max(n - 1, 0)] * (per - len(idx)), per
 
 
 def _gather(local: torch.Tensor, n: int) -> torch.Tensor:
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return local[:n]
     parts = [torch.empty_like(local) for _ in range(world)]
@@ -249,16 +244,6 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> di
     ranked = logits.topk(max(topk), dim=-1).indices
     hits = ranked == labels.to(ranked.device)[:, None]
     return {f"top{k}": hits[:, :k].any(-1).float().mean().item() for k in topk}
-
-
-@torch.no_grad()
-def zeroshot_accuracy(model, loader, classifier: torch.Tensor, device, dtype, topk=(1, 5)) -> dict:
-    """Top-k over a loader of (images, labels); kept for callers that bring their own loader."""
-    logits, labels = [], []
-    for images, y in loader:
-        logits.append(model.encode_image(images.to(device, dtype)).float() @ classifier.T)
-        labels.append(y)
-    return topk_accuracy(torch.cat(logits), torch.cat(labels), topk)
 
 
 def zeroshot_eval(model, samples: list[Sample], classnames: list[str], templates: list[str], image_size: int,
@@ -348,7 +333,7 @@ def linear_probe_eval(model, path: str, image_size: int, device, dtype, max_per_
                                        stratify=[s.label for s in samples])
     train_x = embed_images(model, train, image_size, device, dtype, batch_size).cpu().numpy()
     test_x = embed_images(model, test, image_size, device, dtype, batch_size).cpu().numpy()
-    rank, world = _world()
+    rank, world = rank_and_world()
     result = [None]
     if rank == 0:
         result[0] = logistic_probe(train_x, np.array([s.label for s in train]), test_x,

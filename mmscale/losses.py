@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -33,7 +33,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
+        rank, world = rank_and_world()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
         ctx.rank, ctx.rows = rank, x.shape[0]
@@ -47,7 +47,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    if _world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return x
     return _AllGatherWithGrad.apply(x)
 
@@ -58,7 +58,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
     image, text: this rank's [n, d] normalised embeddings; logit_scale: 1/tau (shape [] or [1]).
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     image, text = image.float(), text.float()
     scale = logit_scale.float().reshape(())
     all_image = all_gather_with_grad(image)

@@ -93,17 +93,12 @@ def main() -> int:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
     import torch
-    from torch.utils.data import DataLoader
-    from mmscale.data import CaptionDataset, collate_images_labels, image_transform
-    from mmscale.evaluate import zeroshot_accuracy, zeroshot_classifier
+    from mmscale.evaluate import zeroshot_eval
     from mmscale.models import load_export
     model = load_export(os.path.join(run_dir, "export"))
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    cpu = torch.device("cpu")
-    loader = DataLoader(CaptionDataset(eval_samples, image_transform(cfg.model.image.image_size, train=False)),
-                        batch_size=256, collate_fn=collate_images_labels)
-    classifier = zeroshot_classifier(model, classnames, [template], cpu, torch.float32)
-    metrics = {k: float(v) for k, v in zeroshot_accuracy(model, loader, classifier, cpu, torch.float32).items()}
+    metrics = zeroshot_eval(model, eval_samples, classnames, [template], cfg.model.image.image_size,
+                            torch.device("cpu"), torch.float32)
     print(f"[demo] zero-shot on {len(eval_samples)} held-out {source} images: top-1 {metrics['top1']:.3f}, "
           f"top-5 {metrics['top5']:.3f} (chance 0.100 / 0.500)")
     with open(os.path.join(args.work, "zeroshot.json"), "w") as f:
