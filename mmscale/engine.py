@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import time
 
@@ -17,6 +18,8 @@ from .config import Config, check_world, save_config, to_dict
 from .gradcache import grad_cache_step
 
 LATEST = "latest"  # the file name DeepSpeed's load_checkpoint reads
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped at a checkpoint on a signal; rerun the same command to continue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm: preemption/scancel/requeue, --signal=USR1@secs
 
 
 def _free_port() -> int:
@@ -41,13 +44,16 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
 
 
-def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
-    """Linear warmup then cosine decay to min_ratio (CMLA: Adam 1e-4, cosine)."""
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float, step_size: int = 0, gamma: float = 0.1):
+    """Linear warmup, then cosine decay to min_ratio (CMLA: Adam 1e-4, cosine), constant, or a
+    step decay by gamma every step_size steps (M3CoL's StepLR)."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
+        if schedule == "step":
+            return gamma ** ((step - warmup) // step_size)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
@@ -103,13 +109,38 @@ class Trainer:
         self.stream = task.train_stream(model, self.rank, self.world)
         t = cfg.train
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.stream.steps_per_epoch
-        schedule = lr_lambda(cfg.optim.warmup_steps, self.total_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        o = cfg.optim
+        schedule = lr_lambda(o.warmup_steps, self.total_steps, o.schedule, o.min_lr_ratio, o.step_size, o.gamma)
+        # DeepSpeed steps its scheduler every step without a metric, so a plateau schedule lives
+        # here instead, on the optimizer whose param_groups DeepSpeed reads its LR from
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, self.local_batch),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            lr_scheduler=None if o.schedule == "plateau" else lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.plateau = None
+        if o.schedule == "plateau":
+            opt = self.engine.optimizer
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                getattr(opt, "optimizer", opt), mode=o.plateau.mode, factor=o.plateau.factor,
+                patience=o.plateau.patience)
         self.step = 0
         self.skipped = 0  # unreadable samples this rank replaced so far
+        self.train_loss_sum, self.train_loss_steps = 0.0, 0  # since the last evaluation
+        self.best = None  # early stopping: {"value", "step", "metrics", "bad"}
+        self.stop_signal = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        # only a flag: the step in flight (and its collectives) finishes, then every rank
+        # checkpoints together at the same step boundary
+        self.stop_signal = signum
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got a stop signal."""
+        flag = torch.tensor([self.stop_signal], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------ step
 
@@ -123,33 +154,37 @@ class Trainer:
 
     def forward_backward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Gradients of the task loss over the whole local batch, accumulated in the engine."""
+        def loss_fn(out):
+            return self.task.loss(out, batch)
         if self.chunk < self.local_batch:
-            return grad_cache_step(self.engine, self.task.loss, batch, self.chunk, self._backward,
+            return grad_cache_step(self.engine, loss_fn, batch, self.chunk, self._backward,
                                    shared=self.task.shared_outputs)
-        out = self.engine(batch)
-        loss, metrics = self.task.loss(out)
+        loss, metrics = loss_fn(self.engine(batch))
         self._backward(loss, True)
         return loss.detach(), metrics
 
     def train_step(self, batch: dict) -> tuple[float, dict]:
-        # per-step seeding keeps dropout/augmentation identical across a resume
+        # per-step seeding keeps dropout/augmentation/mixup identical across a resume
         torch.manual_seed(hash((self.cfg.train.seed, self.step, self.rank)) % 2 ** 62)
-        self.skipped += int(batch["skipped"])
-        batch = self.to_device({k: v for k, v in batch.items() if k not in ("label", "skipped")})
-        loss, metrics = self.forward_backward(batch)
+        self.task.set_progress(self.step, self.total_steps)
+        self.skipped += int(batch.pop("skipped", 0))
+        loss, metrics = self.forward_backward(self.to_device(batch))
         self.engine.step()
         self.step += 1
         loss = loss.float().clone()
         dist.all_reduce(loss)  # the local-loss variant differs per rank; log the global mean
-        return loss.item() / self.world, metrics
+        loss = loss.item() / self.world
+        self.train_loss_sum, self.train_loss_steps = self.train_loss_sum + loss, self.train_loss_steps + 1
+        return loss, metrics
 
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
         tag = f"step{self.step:08d}"
-        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False,
-                                    client_state={"step": self.step, "data": self.stream.state_dict(),
-                                                  "skipped": self.skipped_total()})
+        client = {"step": self.step, "data": self.stream.state_dict(), "skipped": self.skipped_total(),
+                  "best": self.best, "train_loss": [self.train_loss_sum, self.train_loss_steps],
+                  "plateau": self.plateau.state_dict() if self.plateau else None}
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False, client_state=client)
         dist.barrier()
         if self.rank == 0:
             # only a fully written checkpoint becomes `latest`; a kill before this line leaves
@@ -168,6 +203,10 @@ class Trainer:
             return False
         self.step = client["step"]
         self.stream.load_state_dict(client["data"])
+        self.best = client.get("best")
+        self.train_loss_sum, self.train_loss_steps = client.get("train_loss", (0.0, 0))
+        if self.plateau and client.get("plateau"):
+            self.plateau.load_state_dict(client["plateau"])
         # the total so far is carried by rank 0; the other ranks restart their own count
         self.skipped = client.get("skipped", 0) if self.rank == 0 else 0
         self.log({"event": "resumed", "step": self.step, "checkpoint": path})
@@ -187,9 +226,38 @@ class Trainer:
 
     def evaluate(self) -> dict:
         metrics = self.task.evaluate(self.engine.module, self.device, self.dtype)
+        if self.train_loss_steps:
+            metrics["train/loss"] = self.train_loss_sum / self.train_loss_steps
+            self.train_loss_sum, self.train_loss_steps = 0.0, 0
+        if self.plateau:
+            self.plateau.step(self._metric(metrics, self.cfg.optim.plateau.metric, "optim.plateau.metric"))
         if metrics:
             self.log({"step": self.step, **metrics})
+        if self.cfg.train.early_stopping.metric:
+            self._track_best(metrics)
         return metrics
+
+    @staticmethod
+    def _metric(metrics: dict, name: str, key: str) -> float:
+        if name not in metrics:
+            raise KeyError(f"{key}: the evaluation has no {name!r} (it has: {', '.join(sorted(metrics))})")
+        return metrics[name]
+
+    def _track_best(self, metrics: dict) -> None:
+        """Early stopping: export on every improvement; count evaluations without one."""
+        es = self.cfg.train.early_stopping
+        value = self._metric(metrics, es.metric, "train.early_stopping.metric")
+        better = self.best is None or (value < self.best["value"] if es.mode == "min" else value > self.best["value"])
+        if better:
+            self.best = {"value": value, "step": self.step, "metrics": metrics, "bad": 0}
+            if self.cfg.train.export:
+                self.export()
+        else:
+            self.best["bad"] += 1
+
+    def early_stop(self) -> bool:
+        es = self.cfg.train.early_stopping
+        return bool(es.metric) and self.best is not None and self.best["bad"] >= es.patience
 
     def export(self) -> str | None:
         """Towers + heads as safetensors with a config that rebuilds them offline."""
@@ -217,7 +285,7 @@ class Trainer:
         batches = iter(self.stream)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         tic, seen = time.perf_counter(), 0
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.early_stop():
             loss, metrics = self.train_step(next(batches))
             seen += t.global_batch_size
             bar.update(1)
@@ -228,14 +296,24 @@ class Trainer:
                           "lr": self.engine.get_lr()[0], **metrics, "samples_per_s": seen / elapsed,
                           "skipped_samples": self.skipped_total()})
                 tic, seen = time.perf_counter(), 0
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
+            # evaluate first: a checkpoint at the same step then carries what the evaluation
+            # changed (best so far, plateau state)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            if self.step < self.total_steps and self.stop_requested():
+                bar.close()
+                self.save_checkpoint()
+                self.log({"event": "preempted", "step": self.step, "signal": self.stop_signal})
+                return {"step": self.step, "preempted": True}
         bar.close()
         self.save_checkpoint()
         results = {"step": self.step, **self.evaluate()}
-        if t.export:
+        if t.early_stopping.metric:
+            # the export already holds the best evaluation's weights
+            results = {"step": self.step, "best_step": self.best["step"], **self.best["metrics"]}
+        elif t.export:
             self.export()
         if self.rank == 0:
             write_atomic(os.path.join(self.run_dir, "results.json"), json.dumps(results, indent=2))

@@ -54,10 +54,10 @@ def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], t
     leaves = {}
     for k in outs[0]:
         v = outs[0][k] if k in shared else torch.cat([o[k] for o in outs])
-        leaves[k] = v.detach().float().requires_grad_(True)
+        leaves[k] = v.detach().float().requires_grad_(True) if v.is_floating_point() else v
     loss, metrics = loss_fn(leaves)
     loss.backward()
-    cached = {k: v.grad for k, v in leaves.items()}
+    cached = {k: v.grad if v.is_floating_point() else None for k, v in leaves.items()}
     del outs, leaves
 
     for i, (c, state) in enumerate(zip(chunks, states)):

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     results = trainer.fit()
     if trainer.rank == 0:
         print(json.dumps(results))
+    if results.get("preempted"):
+        from mmscale.engine import PREEMPTED_EXIT
+        return PREEMPTED_EXIT
     return 0
 
 
