@@ -60,6 +60,40 @@ class FusionConfig:
 
 
 @dataclass
+class ModalityConfig:
+    """One input of a fine-tuning model (task: classify or cbmf)."""
+    name: str = ""  # output and metric prefix, e.g. mrna, image, text
+    kind: Literal["tabular", "image", "text"] = "tabular"
+    # where the input sits in the data: a MOGONET view number ("1" -> 1_tr.csv) or an image-text
+    # field (image, text); empty: the name
+    key: str = ""
+    # tabular: an MLP input_dim -> hidden_dims... -> model.embed_dim (input_dim 0: from the data)
+    input_dim: int = 0
+    hidden_dims: list = field(default_factory=lambda: [1000])
+    # image / text: the tower, with the keys of model.image / model.text
+    tower: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClassifierConfig:
+    """The unimodal and fused classifier MLPs: in -> hidden_dims... -> classes."""
+    hidden_dims: list = field(default_factory=lambda: [256, 256])  # two hidden layers: a 3-layer MLP
+    dropout: float = 0.0
+
+
+@dataclass
+class DFEConfig:
+    """CBMF's Deep Fusion Encoder, shared by all modalities."""
+    width: int = 256  # g_m projections and context embeddings
+    projection_hidden: int = 512
+    fusion: Literal["add", "multiply", "concat", "attention_additive", "attention_dot"] = "add"
+    num_heads: int = 4
+    # pooled: one vector per sample from each tower; tokens: the token sequence (attention fusion
+    # then pools it with the context as query)
+    features: Literal["pooled", "tokens"] = "pooled"
+
+
+@dataclass
 class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -67,12 +101,27 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     temperature: float = 0.07
     learn_temperature: bool = False
+    # fine-tuning tasks (classify, cbmf)
+    modalities: list[ModalityConfig] = field(default_factory=list)
+    embed_dim: int = 0  # per-modality embedding width; 0: a tower's own width
+    num_classes: int = 0  # task classify; 0: from the data
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    dfe: DFEConfig = field(default_factory=DFEConfig)
 
 
 @dataclass
 class LossConfig:
     # global: every rank builds the full B x B logits; local: only its rows (same gradients, less compute)
     variant: Literal["global", "local"] = "global"
+    # task classify: L = CE(fused) + unimodal_weight * sum_m CE(m) + contrastive_weight * contrastive
+    unimodal_weight: float = 1.0
+    # m3col: m3co for the first m3co_fraction of training, then multisoftclip (M3CoL)
+    contrastive: Literal["none", "unis_mmc", "m3co", "multisoftclip", "m3col"] = "none"
+    contrastive_weight: float = 0.1
+    tau: float = 0.07
+    m3co_fraction: float = 0.3333
+    mixup_alpha: float = 0.15  # lambda ~ Beta(alpha, alpha) for m3co and for input mixup
+    mixup: bool = False  # input mixup with mixed-label CE on the fused head (the mixup baseline)
 
 
 @dataclass
@@ -82,8 +131,15 @@ class DataConfig:
     # coco: COCO captions json + image folder
     # shards: the output folder of tools/build_shards.py, read by index (exact resume)
     # webdataset: any tar shards, streamed with resampling (resume restores the step, not the samples)
-    type: Literal["digits", "imagefolder", "coco", "shards", "webdataset"] = "digits"
+    # multiview: MOGONET folders ({1,2,3}_{tr,te}.csv, labels_{tr,te}.csv), for task classify
+    # imagetext: image + text + label, JSONL files (data.train, data.test) or shard folders, for task classify
+    type: Literal["digits", "imagefolder", "coco", "shards", "webdataset", "multiview", "imagetext"] = "digits"
     root: str = ""
+    train: str = ""  # imagetext: JSONL ({"image", "text", "label"} per line) or a build_shards folder with .cls
+    test: str = ""
+    val_fraction: float = 0.0  # classify: stratified share of the training split held out for validation
+    normalize: Literal["none", "minmax", "standard"] = "none"  # multiview: fitted on the training split
+    feature_cache: str = ""  # cbmf: folder for the frozen towers' outputs (default <run_dir>/features)
     shards: str = ""  # shards: a folder; webdataset: a brace pattern, e.g. /data/cc3m/{00000..00331}.tar
     num_samples: int = 0  # webdataset: samples per epoch (sets steps per epoch and the LR schedule)
     shuffle_buffer: int = 5000
@@ -96,6 +152,14 @@ class DataConfig:
 
 
 @dataclass
+class PlateauConfig:
+    metric: str = "val/acc"  # any metric an evaluation logs, or train/loss (mean since the last one)
+    mode: Literal["min", "max"] = "max"
+    factor: float = 0.2
+    patience: int = 2
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-4
@@ -103,9 +167,20 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # plateau: ReduceLROnPlateau on plateau.metric, stepped at every evaluation
+    schedule: Literal["cosine", "constant", "step", "plateau"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
+    step_size: int = 0  # step: multiply the LR by gamma every step_size steps
+    gamma: float = 0.1
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = ""  # e.g. val/loss; empty: off. The export and results.json hold the best evaluation
+    mode: Literal["min", "max"] = "min"
+    patience: int = 5  # evaluations without improvement before stopping
 
 
 @dataclass
@@ -125,6 +200,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     resume: bool = True
     export: bool = True
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -147,7 +223,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    task: Literal["clip"] = "clip"
+    task: Literal["clip", "classify", "cbmf"] = "clip"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -199,7 +275,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if tp is list or origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return value
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        return [_check_type(v, item, f"{key}.{i}") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -222,13 +299,25 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """key.sub=value; a number indexes a list (model.modalities.0.key=3)."""
     parts = dotted.split(".")
     node = tree
-    for p in parts[:-1]:
-        if not isinstance(node.get(p, {}), dict):
-            raise ConfigError(f"{dotted}: {p} is not a mapping")
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"{dotted}: {p} is not an index of a list of {len(node)}")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"{dotted}: {parts[i - 1]} is not a mapping")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -244,18 +333,35 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str, _seen: tuple = ()) -> dict:
+    """A recipe's YAML tree. `base: other.yaml` (relative to the recipe) starts from that recipe
+    and overrides it key by key, so method variants state only what differs."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe: file not found: {path}")
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"recipe: {path}: base recipes form a cycle")
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe: {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe: {path} must be a mapping at top level")
+    base = tree.pop("base", None)
+    if base is not None:
+        tree = _merge(read_recipe(os.path.join(os.path.dirname(path), str(base)), _seen + (os.path.abspath(path),)), tree)
+    return tree
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    tree: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"recipe: file not found: {path}")
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"recipe: {path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"recipe: {path} must be a mapping at top level")
+    tree = read_recipe(path) if path else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
@@ -303,6 +409,67 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"eval.{key}.{name}: not found: {path}")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps: must be >= 0")
+    if cfg.optim.schedule == "plateau" and cfg.optim.warmup_steps:
+        raise ConfigError("optim.warmup_steps: not supported with optim.schedule plateau")
+    if cfg.optim.schedule == "step" and cfg.optim.step_size <= 0:
+        raise ConfigError("optim.step_size: must be > 0 for optim.schedule step")
+    if (cfg.train.early_stopping.metric or cfg.optim.schedule == "plateau") and cfg.train.eval_every <= 0:
+        raise ConfigError("train.eval_every: early stopping and the plateau schedule need evaluations (> 0)")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError("data.val_fraction: must be in [0, 1)")
+    if cfg.task in ("classify", "cbmf"):
+        validate_modalities(cfg)
+
+
+def tower_config(mod: ModalityConfig, index: int):
+    """The typed tower config of an image/text modality (keys as in model.image / model.text)."""
+    cls = ImageTowerConfig if mod.kind == "image" else TextTowerConfig
+    return _build(cls, mod.tower, f"model.modalities.{index}.tower")
+
+
+def validate_modalities(cfg: Config) -> None:
+    mods, d = cfg.model.modalities, cfg.data
+    if not mods:
+        raise ConfigError(f"model.modalities: task {cfg.task} needs at least one modality")
+    names = [m.name for m in mods]
+    for i, m in enumerate(mods):
+        if not m.name:
+            raise ConfigError(f"model.modalities.{i}.name: required")
+        if names.count(m.name) > 1:
+            raise ConfigError(f"model.modalities.{i}.name: {m.name!r} is used twice")
+        if m.kind == "tabular":
+            if cfg.model.embed_dim <= 0:
+                raise ConfigError("model.embed_dim: tabular modalities need an embedding width (> 0)")
+        else:
+            tower_config(m, i)
+        if d.type == "multiview":
+            if m.kind != "tabular":
+                raise ConfigError(f"model.modalities.{i}.kind: data.type multiview has tabular views only")
+            path = os.path.join(d.root, f"{m.key or m.name}_tr.csv")
+            if not os.path.isfile(path):
+                raise ConfigError(f"model.modalities.{i}.key: view file not found: {path}")
+        if d.type == "imagetext" and (m.key or m.name) not in ("image", "text"):
+            raise ConfigError(f"model.modalities.{i}.key: data.type imagetext has the fields image and text")
+    if d.type == "multiview" and not os.path.isfile(os.path.join(d.root, "labels_tr.csv")):
+        raise ConfigError(f"data.root: no labels_tr.csv in {d.root!r} (MOGONET layout)")
+    if d.type == "imagetext":
+        for key in ("train", "test"):
+            path = getattr(d, key)
+            if (key == "train" or path) and not os.path.exists(path):
+                raise ConfigError(f"data.{key}: not found: {path!r}")
+    if cfg.task == "cbmf" and len(mods) != 2:
+        raise ConfigError(f"model.modalities: cbmf aligns exactly two frozen towers, got {len(mods)}")
+    if cfg.task == "classify":
+        if d.type not in ("multiview", "imagetext"):
+            raise ConfigError(f"data.type: task classify reads multiview or imagetext data, not {d.type}")
+        if cfg.loss.contrastive != "none" and len(mods) < 2:
+            raise ConfigError(f"loss.contrastive: {cfg.loss.contrastive} needs two or more modalities")
+        if cfg.loss.contrastive in ("m3co", "m3col") or cfg.loss.mixup:
+            if cfg.train.grad_cache_chunk:
+                raise ConfigError("train.grad_cache_chunk: mixup pairs samples across the whole batch; "
+                                  "use 0 with m3co/m3col/mixup")
+            if any(m.kind == "text" and m.tower.get("source", "hf") != "hf" for m in mods):
+                raise ConfigError("loss.contrastive: text mixup mixes token embeddings and needs an hf text tower")
 
 
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -329,7 +496,9 @@ def save_config(cfg: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
-def config_from_dict(tree: dict) -> Config:
+def config_from_dict(tree: dict, check: bool = True) -> Config:
+    """check=False skips validate() (files a run needed but a rebuilt export does not)."""
     cfg = _build(Config, tree)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg

@@ -225,6 +225,43 @@ def embed_texts(model, texts: list[str], device, batch_size: int = 256) -> torch
     return _gather(torch.cat(out), len(texts))
 
 
+# ---------------------------------------------------------------- classification
+
+@torch.no_grad()
+def predict(model, dataset, collate, device, dtype, batch_size: int = 256, keep=("logits",)) -> dict:
+    """The model's outputs whose names start with one of `keep` (per-sample outputs only) and the
+    labels over a labelled dataset, as float32 / int64 CPU tensors identical on every rank (rows
+    sharded over the ranks, then all-gathered)."""
+    idx, _ = _my_shard(len(dataset))
+    parts: dict[str, list] = {}
+    for batch in DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=collate):
+        batch.pop("skipped", None)
+        out = model({k: v.to(device, dtype if v.is_floating_point() else None) for k, v in batch.items()})
+        out = {k: v.float() for k, v in out.items() if k.startswith(tuple(keep))}
+        out["label"] = batch["label"].to(device)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v)
+    return {k: _gather(torch.cat(v), len(dataset)).cpu() for k, v in parts.items()}
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """acc, f1 (positive class 1; binary tasks only), auc (binary: of class 1's probability;
+    multi-class: one-vs-rest macro, when every class occurs), f1_weighted and f1_macro."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+    pred = probs.argmax(1)
+    out = {"acc": float(accuracy_score(labels, pred)),
+           "f1_weighted": float(f1_score(labels, pred, average="weighted", labels=range(probs.shape[1]), zero_division=0)),
+           "f1_macro": float(f1_score(labels, pred, average="macro", labels=range(probs.shape[1]), zero_division=0))}
+    present = np.unique(labels)
+    if probs.shape[1] == 2:
+        out["f1"] = float(f1_score(labels, pred, pos_label=1, zero_division=0))
+        if len(present) == 2:
+            out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
+    elif len(present) == probs.shape[1]:
+        out["auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    return out
+
+
 # ---------------------------------------------------------------- zero-shot
 
 @torch.no_grad()

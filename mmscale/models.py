@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig
 
 
 def resolve_text_path(name: str) -> str:
@@ -106,9 +106,13 @@ class EfficientNetLiteImageTower(nn.Module):
         cls = next(getattr(package, a) for a in dir(package) if a.endswith("ModelFile"))
         return cls.get_model_file_path()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """[B, H*W, D]: the last feature map's positions as tokens (no class token)."""
         x = (images * self.clip_std + self.clip_mean) * 2.0 - 1.0
-        return self.model.extract_features(x).mean((2, 3))
+        return self.model.extract_features(x).flatten(2).transpose(1, 2), False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(images)[0].mean(1)
 
 
 class HFTokenize:
@@ -162,6 +166,13 @@ class HFTextTower(nn.Module):
     def forward(self, input_ids, attention_mask):
         return self.forward_tokens(input_ids, attention_mask)[:, 0]  # CLS embedding
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The word embeddings the encoder starts from (where text mixup mixes)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state[:, 0]
+
 
 class OpenClipTextTower(nn.Module):
     def __init__(self, name: str, kwargs: dict, pretrained=False):
@@ -212,21 +223,27 @@ class SharedBlockFusion(nn.Module):
         return x[:, 0]
 
 
+def build_image_tower(ic: ImageTowerConfig) -> nn.Module:
+    if ic.source == "timm":
+        return TimmImageTower(ic.name, ic.pretrained, ic.kwargs)
+    if ic.source == "efficientnet_lite":
+        return EfficientNetLiteImageTower(ic.name, ic.pretrained, ic.image_size, ic.kwargs)
+    return OpenClipImageTower(ic.name, ic.pretrained, ic.kwargs)
+
+
+def build_text_tower(tc: TextTowerConfig) -> nn.Module:
+    if tc.source == "hf":
+        return HFTextTower(tc.name, tc.pretrained, tc.config_overrides, tc.max_length)
+    return OpenClipTextTower(tc.name, tc.config_overrides, tc.pretrained)
+
+
 class DualEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         ic, tc = cfg.image, cfg.text
-        if ic.source == "timm":
-            self.image_tower = TimmImageTower(ic.name, ic.pretrained, ic.kwargs)
-        elif ic.source == "efficientnet_lite":
-            self.image_tower = EfficientNetLiteImageTower(ic.name, ic.pretrained, ic.image_size, ic.kwargs)
-        else:
-            self.image_tower = OpenClipImageTower(ic.name, ic.pretrained, ic.kwargs)
-        if tc.source == "hf":
-            self.text_tower = HFTextTower(tc.name, tc.pretrained, tc.config_overrides, tc.max_length)
-        else:
-            self.text_tower = OpenClipTextTower(tc.name, tc.config_overrides, tc.pretrained)
+        self.image_tower = build_image_tower(ic)
+        self.text_tower = build_text_tower(tc)
         for tower, frozen in ((self.image_tower, ic.freeze), (self.text_tower, tc.freeze)):
             tower.requires_grad_(not frozen)
 
@@ -297,16 +314,7 @@ def build_model(cfg: ModelConfig) -> DualEncoder:
     return DualEncoder(cfg)
 
 
-def load_export(folder: str, map_location="cpu") -> DualEncoder:
-    """Rebuild a model exported by the engine (config.yaml + model.safetensors)."""
-    from safetensors.torch import load_model
-    from .config import config_from_dict
-    import yaml
-    with open(os.path.join(folder, "config.yaml")) as f:
-        tree = yaml.safe_load(f)
-    if tree["model"]["text"]["source"] == "hf":
-        tree["model"]["text"]["name"] = os.path.join(folder, tree["model"]["text"]["name"])
-    cfg = config_from_dict(tree)
-    model = DualEncoder(cfg.model)
-    load_model(model, os.path.join(folder, "model.safetensors"), device=str(map_location))
-    return model.eval()
+def load_export(folder: str, map_location="cpu"):
+    """Rebuild an exported model offline (any task); see tasks.load_export."""
+    from .tasks import load_export as _load
+    return _load(folder, map_location)

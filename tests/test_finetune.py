@@ -1,0 +1,242 @@
+"""Task classify on the one engine: the MOGONET loader, the image-text loader, classification
+metrics, the recipes, 2 ranks = 1 process, exact resume after a preemption signal, early
+stopping, the plateau schedule and the export, on real ROSMAP data where it is there."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PY, ROOT, free_port, shared_path
+from mmscale.config import ConfigError, DataConfig, ModalityConfig, load_config
+from mmscale.data import load_multiview
+from mmscale.evaluate import classification_metrics
+
+ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "unis_mmc_rosmap.yaml", "mixup_rosmap.yaml",
+                  "unimodal_rosmap.yaml"]
+
+
+def write_views(folder, n_train=60, n_test=30, dims=(5, 7), classes=3, seed=0):
+    """A MOGONET-layout folder whose classes are separable in view 1 and noise in view 2."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("tr", n_train), ("te", n_test)):
+        y = np.arange(n) % classes
+        np.savetxt(os.path.join(folder, f"labels_{split}.csv"), y, fmt="%d")
+        for v, d in enumerate(dims, 1):
+            x = rng.normal(size=(n, d)) * 0.3
+            if v == 1:
+                x[np.arange(n), y] += 3.0
+            np.savetxt(os.path.join(folder, f"{v}_{split}.csv"), x, delimiter=",")
+    return folder
+
+
+def views_config(root, *extra):
+    mods = '[{name: a, kind: tabular, key: "1", hidden_dims: [16]}, {name: b, kind: tabular, key: "2", hidden_dims: [16]}]'
+    return ["task=classify", f"model.modalities={mods}", "model.embed_dim=8", "model.classifier.hidden_dims=[16]",
+            "data.type=multiview", f"data.root={root}", *extra]
+
+
+# ---------------------------------------------------------------- data and metrics
+
+def test_multiview_loader_normalises_with_training_statistics(tmp_path):
+    root = write_views(str(tmp_path / "v"))
+    mods = [ModalityConfig(name="a", key="1"), ModalityConfig(name="b", key="2")]
+    data = load_multiview(DataConfig(type="multiview", root=root, normalize="minmax", val_fraction=0.25), mods)
+    assert data.input_dims == {"a": 5, "b": 7} and data.classnames == ["0", "1", "2"]
+    assert len(data.train) == 45 and len(data.val) == 15 and len(data.test) == 30
+    # val rows are held out per class, and min-max comes from the training split only
+    assert sorted(np.bincount(data.val.labels.numpy())) == [5, 5, 5]
+    train_rows = torch.cat([data.train.arrays["a"], data.val.arrays["a"]])
+    assert train_rows.min() == pytest.approx(0.0) and train_rows.max() == pytest.approx(1.0, abs=1e-6)
+    raw_te = np.loadtxt(os.path.join(root, "1_te.csv"), delimiter=",")
+    raw_tr = np.loadtxt(os.path.join(root, "1_tr.csv"), delimiter=",")
+    expect = (raw_te - raw_tr.min(0)) / (raw_tr.max(0) - raw_tr.min(0) + 1e-10)
+    assert np.allclose(data.test.arrays["a"].numpy(), expect, atol=1e-6)
+    item, label = data.train[(0, 0, 3)]
+    assert set(item) == {"a", "b"} and item["a"].shape == (5,) and isinstance(label, int)
+
+
+def test_multiview_bad_files_name_the_file(tmp_path):
+    root = write_views(str(tmp_path / "v"))
+    with open(os.path.join(root, "2_tr.csv"), "a") as f:
+        f.write(",".join(["0.1"] * 7) + "\n")
+    with pytest.raises(ConfigError, match="2_tr.csv has 61 rows"):
+        load_multiview(DataConfig(type="multiview", root=root), [ModalityConfig(name="b", key="2")])
+    with pytest.raises(ConfigError, match=r"model\.modalities\.1\.key: view file not found: .*9_tr\.csv"):
+        load_config(None, views_config(root, 'model.modalities.1={name: b, kind: tabular, key: "9"}', "train.steps=1"))
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.array([[.9, .1], [.4, .6], [.3, .7], [.8, .2], [.1, .9], [.6, .4]])
+    m = classification_metrics(labels, probs)
+    # predictions 0 1 1 0 1 0: tp 2, fp 1, fn 1 for class 1; class 0: tp 2, fp 1, fn 1
+    assert m["acc"] == pytest.approx(4 / 6)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert m["f1_macro"] == pytest.approx(2 / 3) and m["f1_weighted"] == pytest.approx(2 / 3)
+    # AUC: share of (positive, negative) pairs ranked right: positives .7 .2 .9, negatives .1 .6 .4
+    pairs = [(p, n) for p in (.7, .2, .9) for n in (.1, .6, .4)]
+    assert m["auc"] == pytest.approx(sum(p > n for p, n in pairs) / 9)
+    # three classes of different sizes: weighted and macro F1 differ
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])
+    probs = np.eye(3)[[0, 0, 0, 1, 1, 2, 2]] * 0.8 + 0.2 / 3
+    m = classification_metrics(labels, probs)
+    f1 = [2 * 3 / (2 * 3 + 0 + 1), 2 * 1 / (2 * 1 + 1 + 1), 2 * 1 / (2 * 1 + 1 + 0)]
+    assert m["f1_macro"] == pytest.approx(np.mean(f1))
+    assert m["f1_weighted"] == pytest.approx(np.average(f1, weights=[4, 2, 1]))
+    assert "f1" not in m and 0 < m["auc"] <= 1
+
+
+# ---------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("recipe", ROSMAP_RECIPES)
+def test_rosmap_recipes_parse(recipe):
+    shared_path("rosmap")
+    cfg = load_config(os.path.join(ROOT, "recipes", recipe))
+    assert cfg.task == "classify" and cfg.data.type == "multiview" and cfg.train.global_batch_size == 245
+    assert cfg.model.modalities[0].key == "1"
+
+
+def test_recipe_base_overrides_key_by_key(tmp_path):
+    shared_path("rosmap")
+    cfg = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap.yaml"))
+    assert (cfg.loss.contrastive, cfg.loss.tau, cfg.loss.contrastive_weight) == ("m3col", 0.1, 0.1)
+    assert cfg.optim.lr == 2e-3 and len(cfg.model.modalities) == 3 and cfg.train.run_dir == "runs/m3col_rosmap"
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+# ---------------------------------------------------------------- the engine on task classify
+
+def run_train(run_dir, overrides, ranks=1, recipe=None, timeout=300, env=None):
+    cmd = [PY, "mmscale/train.py"] if ranks == 1 else [
+        PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
+        "mmscale/train.py"]
+    cmd += [recipe or "recipes/concat_rosmap.yaml", f"train.run_dir={run_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=300, code=0):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == code, out[-3000:]
+    return out
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+SMALL = ["train.global_batch_size=20", "train.steps=12", "train.log_every=1", "train.eval_every=6",
+         "optim.lr=1e-2", "train.zero_stage=2"]
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path):
+    """UniS-MMC's loss couples the batch (softmax over pairs, predictions per sample): on 2 ranks
+    the gathered loss and the updates equal one process on the same global batches."""
+    root = write_views(str(tmp_path / "v"))
+    over = views_config(root, *SMALL, "loss.contrastive=unis_mmc", "train.checkpoint_every=0")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    finish(run_train(one, over))
+    finish(run_train(two, over, ranks=2))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == list(range(1, 13))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    wa = load_file(os.path.join(one, "export", "model.safetensors"))
+    wb = load_file(os.path.join(two, "export", "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    # the unimodal heads' accuracies and the test metrics are logged at every evaluation
+    evals = [r for r in records(one) if "test/acc" in r]
+    assert [r["step"] for r in evals] == [6, 12] and {"test/auc", "test/acc_a", "test/f1_macro"} <= set(evals[-1])
+    assert evals[-1]["test/acc_a"] > 0.9 > evals[-1]["test/acc_b"]  # view 1 carries the labels, view 2 is noise
+
+
+@pytest.mark.slow
+def test_preempted_m3col_run_resumes_exactly(tmp_path):
+    """SIGUSR1 mid-run: the engine checkpoints at the next step and exits 75; rerunning continues
+    with the same mixup draws and the same M3Co -> MultiSoftClip switch as an unbroken run."""
+    root = write_views(str(tmp_path / "v"))
+    over = views_config(root, *SMALL, "train.steps=300", "loss.contrastive=m3col", "train.checkpoint_every=0",
+                        "train.eval_every=0")
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    finish(run_train(ref, over))
+    proc = run_train(cut, over)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _maybe(cut):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    finish(proc, code=75)
+    events = [r for r in records(cut) if r.get("event") == "preempted"]
+    stopped = events[0]["step"]
+    assert 1 <= stopped < 300 and not os.path.exists(os.path.join(cut, "results.json"))
+    finish(run_train(cut, over))
+    a, b = losses(ref), losses(cut)
+    assert sorted(b) == list(range(1, 301))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    assert any(r.get("event") == "resumed" and r["step"] == stopped for r in records(cut))
+    phases = [r for r in records(ref) if "loss" in r]
+    assert "loss_m3co" in phases[0] and "loss_multisoftclip" in phases[-1]
+
+
+def _maybe(run_dir):
+    try:
+        return [r for r in records(run_dir) if "step" in r]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_and_plateau_lowers_the_lr(tmp_path):
+    """Early stopping on val/loss stops before train.steps once the loss stops improving; the export
+    and results.json are the best evaluation's, and load_export reproduces its numbers. A plateau
+    schedule on the same run lowers the LR after `patience` evaluations without improvement."""
+    root = write_views(str(tmp_path / "v"))
+    run = str(tmp_path / "es")
+    over = views_config(root, "train.global_batch_size=15", "train.steps=400", "train.eval_every=2",
+                        "train.log_every=2", "optim.lr=0.05", "data.val_fraction=0.25", "train.zero_stage=0",
+                        "train.early_stopping.metric=val/loss", "train.early_stopping.patience=3",
+                        "optim.schedule=plateau", "optim.plateau.metric=val/loss", "optim.plateau.mode=min",
+                        "optim.plateau.patience=1", "optim.plateau.factor=0.5", "train.checkpoint_every=0")
+    finish(run_train(run, over))
+    results = json.load(open(os.path.join(run, "results.json")))
+    evals = [r for r in records(run) if "val/loss" in r]
+    best = min(evals, key=lambda r: r["val/loss"])
+    assert results["step"] < 400 and results["best_step"] == best["step"]
+    assert results["val/loss"] == best["val/loss"] and results["test/acc"] == best["test/acc"]
+    assert len([r for r in evals if r["step"] > best["step"]]) >= 3
+    lrs = [r["lr"] for r in records(run) if "lr" in r]
+    assert lrs[0] == pytest.approx(0.05) and min(lrs) < 0.05
+
+    from mmscale.models import load_export
+    from mmscale.tasks import ClassifyTask
+    model = load_export(os.path.join(run, "export"))
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    again = ClassifyTask(cfg).evaluate(model, torch.device("cpu"), torch.float32)
+    assert again["test/acc"] == pytest.approx(results["test/acc"]) and again["val/loss"] == pytest.approx(results["val/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_m3col_on_rosmap_learns(tmp_path):
+    """The real data: 60 full-batch epochs of the M3CoL recipe reach well above chance (0.52)."""
+    shared_path("rosmap")
+    run = str(tmp_path / "m3col")
+    finish(run_train(run, ["train.epochs=60", "train.eval_every=30", "train.seed=1"], recipe="recipes/m3col_rosmap.yaml"))
+    results = json.load(open(os.path.join(run, "results.json")))
+    assert results["step"] == 60 and results["test/acc"] > 0.7 and results["test/auc"] > 0.75
