@@ -48,36 +48,27 @@ class TabularEncoder(nn.Module):
         return self.net(mix(x, perm, lam))
 
 
-class ImageEncoder(nn.Module):
-    def __init__(self, cfg, width: int):
+class TowerEncoder(nn.Module):
+    """An image or text tower from models.py, projected to `width` when that differs."""
+
+    def __init__(self, kind: str, cfg, width: int):
         super().__init__()
-        self.tower = build_image_tower(cfg)
+        self.kind = kind
+        self.tower = build_image_tower(cfg) if kind == "image" else build_text_tower(cfg)
         self.tower.requires_grad_(not cfg.freeze)
         self.proj = nn.Linear(self.tower.width, width) if width and width != self.tower.width else nn.Identity()
         self.width = width or self.tower.width
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.tower(images))
+    def forward(self, x) -> torch.Tensor:
+        h = self.tower(x) if self.kind == "image" else self.tower(x["input_ids"], x["attention_mask"])
+        return self.proj(h)
 
-    def forward_mixed(self, images, perm, lam) -> torch.Tensor:
-        return self.proj(self.tower(mix(images, perm, lam)))
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, cfg, width: int):
-        super().__init__()
-        self.tower = build_text_tower(cfg)
-        self.tower.requires_grad_(not cfg.freeze)
-        self.proj = nn.Linear(self.tower.width, width) if width and width != self.tower.width else nn.Identity()
-        self.width = width or self.tower.width
-
-    def forward(self, text: dict) -> torch.Tensor:
-        return self.proj(self.tower(text["input_ids"], text["attention_mask"]))
-
-    def forward_mixed(self, text: dict, perm, lam) -> torch.Tensor:
+    def forward_mixed(self, x, perm, lam) -> torch.Tensor:
+        if self.kind == "image":
+            return self.forward(mix(x, perm, lam))
         # discrete tokens cannot be interpolated: mix their embeddings, attend to either's tokens
-        embeds = mix(self.tower.embed_tokens(text["input_ids"]), perm, lam)
-        mask = torch.maximum(text["attention_mask"], text["attention_mask"][perm])
+        embeds = mix(self.tower.embed_tokens(x["input_ids"]), perm, lam)
+        mask = torch.maximum(x["attention_mask"], x["attention_mask"][perm])
         return self.proj(self.tower.forward_embeds(embeds, mask))
 
 
@@ -86,9 +77,7 @@ def build_encoder(mod: ModalityConfig, index: int, width: int) -> nn.Module:
         if mod.input_dim <= 0:
             raise ConfigError(f"model.modalities.{index}.input_dim: unknown (the data sets it)")
         return TabularEncoder(mod.input_dim, list(mod.hidden_dims), width)
-    if mod.kind == "image":
-        return ImageEncoder(tower_config(mod, index), width)
-    return TextEncoder(tower_config(mod, index), width)
+    return TowerEncoder(mod.kind, tower_config(mod, index), width)
 
 
 def modality_inputs(batch: dict, name: str):
@@ -170,6 +159,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over dim 1 of [B, T, D] where mask [B, T] is true."""
     w = mask.to(x.dtype).unsqueeze(-1)
     return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def align_buffers(module: nn.Module) -> None:
+    """Floating buffers (batch-norm statistics) in the dtype of the parameters: DeepSpeed's bf16
+    casts a model's parameters but not its buffers, and a frozen CNN then mixes the two."""
+    dtype = next(module.parameters()).dtype
+    for mod in module.modules():
+        for key, buf in mod._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                mod._buffers[key] = buf.to(dtype)
 
 
 class DeepFusionEncoder(nn.Module):
@@ -284,6 +283,7 @@ class CBMF(nn.Module):
         """The frozen tower's output: ([B, w] pooled, None) or ([B, T, w] tokens, [B, T] mask).
         inputs: images, or {"input_ids", "attention_mask"}."""
         tower = self.towers[name]
+        align_buffers(tower)
         if self.kinds[name] == "image":
             if self.features == "pooled":
                 return tower(inputs), None

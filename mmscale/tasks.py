@@ -337,15 +337,18 @@ class CBMFTask(Task):
         return loss, {"temperature": 1.0 / out["logit_scale"].detach().float().item()}
 
     def val_loss(self, model: CBMF, device, dtype) -> float | None:
-        """The loss over the cached validation pairs, in consecutive batches of about the global
-        batch size (one batch if the split is smaller), averaged over the pairs."""
+        """The loss over the cached validation pairs, in batches of about the global batch size
+        (one batch if the split is smaller) drawn by a fixed shuffle, averaged over the pairs.
+        Shuffled because the loss depends on the batch: a class-sorted split would put one
+        caption in a whole batch, as training (random batches) never does."""
         val = self.features(model, "val", device)
         if val is None:
             return None
         out = predict(model, val, collate_arrays, device, dtype, self.cfg.eval.batch_size, keep=self.names)
         n, a, b = len(val), *self.names
         scale = model.logit_scale().detach().float().cpu()
-        chunks = np.array_split(np.arange(n), max(1, round(n / self.cfg.train.global_batch_size)))
+        order = np.random.default_rng(self.cfg.data.seed).permutation(n)
+        chunks = np.array_split(order, max(1, round(n / self.cfg.train.global_batch_size)))
         return sum(len(c) / n * soft_target_contrastive_loss(out[a][c], out[b][c], scale).item() for c in chunks)
 
     def evaluate(self, model: CBMF, device, dtype) -> dict:
