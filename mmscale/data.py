@@ -214,6 +214,14 @@ def collate_images_labels(items):
     return torch.stack([x[0] for x in items]), torch.tensor([x[2] for x in items])
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the trainer: torchrun and Slurm signal the whole
+    process group, and a worker killed by them takes the trainer down before it can checkpoint."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class BatchStream:
     """Endless, rank-sharded, resumable stream of local batches over epochs."""
 
@@ -244,7 +252,8 @@ class BatchStream:
             epoch, first = self.epoch, self.step
             batches = [self.local_indices(epoch, s) for s in range(first, self.steps_per_epoch)]
             loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                                num_workers=self.num_workers, persistent_workers=False)
+                                num_workers=self.num_workers, persistent_workers=False,
+                                worker_init_fn=ignore_stop_signals)
             for batch in loader:
                 # advance before yielding: a checkpoint taken after this batch resumes at the next one
                 self.step += 1
@@ -291,7 +300,8 @@ class ShardStream:
 
     def __iter__(self):
         import webdataset as wds
-        loader = wds.WebLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers)
+        loader = wds.WebLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers,
+                               worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self.step += 1
             if self.step == self.steps_per_epoch:

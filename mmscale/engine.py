@@ -128,6 +128,7 @@ class Trainer:
         self.train_loss_sum, self.train_loss_steps = 0.0, 0  # since the last evaluation
         self.best = None  # early stopping: {"value", "step", "metrics", "bad"}
         self.stop_signal = 0
+        self.saved_step = -1
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
 
@@ -180,6 +181,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
+        if self.saved_step == self.step:  # e.g. a stop signal right after a periodic checkpoint
+            return
         tag = f"step{self.step:08d}"
         client = {"step": self.step, "data": self.stream.state_dict(), "skipped": self.skipped_total(),
                   "best": self.best, "train_loss": [self.train_loss_sum, self.train_loss_steps],
@@ -194,6 +197,7 @@ class Trainer:
             for old in tags[:max(0, len(tags) - (self.cfg.train.keep_checkpoints - 1))]:
                 shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
         dist.barrier()
+        self.saved_step = self.step
 
     def maybe_resume(self) -> bool:
         if not (self.cfg.train.resume and os.path.isfile(os.path.join(self.ckpt_dir, LATEST))):
@@ -201,7 +205,7 @@ class Trainer:
         path, client = self.engine.load_checkpoint(self.ckpt_dir)
         if path is None:
             return False
-        self.step = client["step"]
+        self.step = self.saved_step = client["step"]
         self.stream.load_state_dict(client["data"])
         self.best = client.get("best")
         self.train_loss_sum, self.train_loss_steps = client.get("train_loss", (0.0, 0))

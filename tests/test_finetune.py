@@ -180,18 +180,19 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_preempted_m3col_run_resumes_exactly(tmp_path):
-    """SIGUSR1 mid-run: the engine checkpoints at the next step and exits 75; rerunning continues
-    with the same mixup draws and the same M3Co -> MultiSoftClip switch as an unbroken run."""
+    """SIGTERM to the whole process group (loader workers included) mid-run: the engine checkpoints
+    at the next step and exits 75; rerunning continues with the same mixup draws and the same
+    M3Co -> MultiSoftClip switch as an unbroken run."""
     root = write_views(str(tmp_path / "v"))
     over = views_config(root, *SMALL, "train.steps=300", "loss.contrastive=m3col", "train.checkpoint_every=0",
-                        "train.eval_every=0")
+                        "train.eval_every=0", "data.num_workers=1", "train.global_batch_size=4")
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     finish(run_train(ref, over))
     proc = run_train(cut, over)
     deadline = time.time() + 120
     while time.time() < deadline and not _maybe(cut):
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGUSR1)
+    os.killpg(proc.pid, signal.SIGTERM)
     finish(proc, code=75)
     events = [r for r in records(cut) if r.get("event") == "preempted"]
     stopped = events[0]["step"]
