@@ -427,6 +427,14 @@ def tower_config(mod: ModalityConfig, index: int):
     return _build(cls, mod.tower, f"model.modalities.{index}.tower")
 
 
+def image_size(model: ModelConfig) -> int:
+    """The input size of the model's image tower: model.image's, or its image modality's."""
+    for i, m in enumerate(model.modalities):
+        if m.kind == "image":
+            return tower_config(m, i).image_size
+    return model.image.image_size
+
+
 def validate_modalities(cfg: Config) -> None:
     mods, d = cfg.model.modalities, cfg.data
     if not mods:

@@ -237,6 +237,7 @@ class CBMF(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         mods, d = cfg.modalities, cfg.dfe
         if len(mods) != 2:
             raise ConfigError(f"model.modalities: cbmf aligns exactly two frozen towers, got {len(mods)}")

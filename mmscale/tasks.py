@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config, ConfigError, save_config, tower_config
+from .config import Config, ConfigError, image_size, save_config, tower_config
 from .data import (ArrayDataset, BatchStream, CaptionDataset, Collate, CollateLabelled, ShardDataset, ShardStream,
                    Splits, collate_arrays, image_transform, load_imagetext, load_multiview, load_splits)
 from .evaluate import classification_metrics, predict, resolve_templates, run_evaluations, zeroshot_eval
@@ -153,14 +153,8 @@ class ClassifyTask(Task):
             if d.type == "multiview":
                 self.data = load_multiview(d, self.cfg.model.modalities, d.seed)
             else:
-                self.data = load_imagetext(d, self._image_size(), d.seed)
+                self.data = load_imagetext(d, image_size(self.cfg.model), d.seed)
         return self.data
-
-    def _image_size(self) -> int:
-        for i, m in enumerate(self.cfg.model.modalities):
-            if m.kind == "image":
-                return tower_config(m, i).image_size
-        return self.cfg.model.image.image_size
 
     @staticmethod
     def model_from_config(cfg: Config) -> FusionClassifier:
@@ -361,7 +355,7 @@ class CBMFTask(Task):
         mods = self.cfg.model.modalities
         if sorted(m.kind for m in mods) == ["image", "text"]:
             e, splits = self.cfg.eval, self._splits()
-            size = next(tower_config(m, i).image_size for i, m in enumerate(mods) if m.kind == "image")
+            size = image_size(self.cfg.model)
             if e.zeroshot and splits["heldout"] and splits["classnames"]:
                 metrics.update({f"zeroshot/{k}": v for k, v in zeroshot_eval(
                     model, splits["heldout"], splits["classnames"], resolve_templates(e.templates), size, device,

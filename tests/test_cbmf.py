@@ -292,6 +292,26 @@ def test_engine_run_stops_early_and_the_export_reproduces_it(one_process):
 
 
 @pytest.mark.slow
+def test_tools_eval_takes_a_cbmf_export(one_process, tmp_path):
+    """tools/eval.py evaluates any exported model with encode_image/encode_text, CBMF included."""
+    import subprocess
+    import sys
+    from PIL import Image
+    splits = load_splits(load_config(TINY).data)
+    for i, sample in enumerate(splits.eval[:60]):
+        folder = tmp_path / "digits" / splits.classnames[sample.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        sample.image.save(folder / f"{i}.png")
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "tools/eval.py", os.path.join(one_process, "export"), "--zeroshot",
+                        f"digits={tmp_path / 'digits'}", "--templates", "a photo of the number {}.", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.load(open(out / "eval.json"))["metrics"]
+    assert metrics["zeroshot/digits/top1"] > 0.5, metrics
+
+
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(one_process, tmp_path):
     """2 ranks train on the same global batches: the soft-target loss on the gathered embeddings
     makes every step's loss and the early-stopping decision equal one process's. The training

@@ -1,4 +1,4 @@
-"""Evaluate a trained dual encoder outside training.
+"""Evaluate a trained dual encoder (task clip) or CBMF model outside training.
 
     python tools/eval.py runs/tiny/export --zeroshot cifar10=../shared/data/cifar10 \
         --retrieval coco=../shared/data/coco-mini/annotations/captions_val2017.json
@@ -45,7 +45,8 @@ def load_model(path: str):
     """(model, run dir or None). Loads offline; DeepSpeed ZeRO 1-3 checkpoints are consolidated."""
     import torch
     from mmscale.config import load_config
-    from mmscale.models import DualEncoder, load_export
+    from mmscale.models import load_export
+    from mmscale.tasks import TASKS
     if not os.path.exists(path):
         raise SystemExit(f"eval: {path}: not found")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -56,7 +57,7 @@ def load_model(path: str):
     if not os.path.isfile(config):
         raise SystemExit(f"eval: {config}: missing (the run's resolved recipe)")
     cfg = load_config(config)
-    model = DualEncoder(cfg.model)
+    model = TASKS[cfg.task].model_from_config(cfg)
     if cfg.train.zero_stage == 0:
         state = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
                            weights_only=False)["module"]
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give at least one of --zeroshot, --retrieval, --linear-probe")
 
     import torch
+    from mmscale.config import image_size
     from mmscale.evaluate import resolve_templates, run_evaluations
     try:
         resolve_templates(args.templates)
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     try:
         metrics, curves = run_evaluations(
-            model, datasets, templates=args.templates, image_size=model.cfg.image.image_size,
+            model, datasets, templates=args.templates, image_size=image_size(model.cfg),
             device=torch.device("cpu"), dtype=torch.float32, max_per_class=args.max_per_class,
             max_images=args.max_images, retrieval_k=args.retrieval_k, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as e:
