@@ -296,8 +296,10 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - tic
+                # task metrics stay tensors until here: no device sync on the steps not logged
                 self.log({"step": self.step, "epoch": self.stream.epoch, "loss": loss,
-                          "lr": self.engine.get_lr()[0], **metrics, "samples_per_s": seen / elapsed,
+                          "lr": self.engine.get_lr()[0], **{k: float(v) for k, v in metrics.items()},
+                          "samples_per_s": seen / elapsed,
                           "skipped_samples": self.skipped_total()})
                 tic, seen = time.perf_counter(), 0
             # evaluate first: a checkpoint at the same step then carries what the evaluation

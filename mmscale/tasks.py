@@ -6,7 +6,7 @@ Contract, so the gradient cache can wrap any task:
 - model(batch) returns a dict of tensors, each per sample (leading dim = batch) except the
   names listed in `shared_outputs` (e.g. the logit scale);
 - loss(outputs, batch) -> (scalar loss, metrics) uses only those outputs and the batch's
-  labels, never model parameters.
+  labels, never model parameters; metrics are scalar tensors (read only on logged steps).
 
 Tasks: clip (CMLA pretraining), classify (UniS-MMC, M3CoL and the concatenation baselines),
 cbmf (CBMF's Deep Fusion Encoder over frozen towers).
@@ -86,7 +86,7 @@ class ClipTask(Task):
 
     def loss(self, out: dict, batch: dict = None):
         loss = contrastive_loss(out["image"], out["text"], out["logit_scale"], self.cfg.loss.variant)
-        return loss, {"temperature": 1.0 / out["logit_scale"].detach().float().item()}
+        return loss, {"temperature": 1.0 / out["logit_scale"].detach().float()}
 
     def _splits(self):
         if self.cfg.data.type in ("shards", "webdataset"):
@@ -213,11 +213,11 @@ class ClassifyTask(Task):
             fused = mixup_cross_entropy(out["mix_logits"], labels, global_index(out["mix_perm"]), out["mix_lambda"])
         else:
             fused = F.cross_entropy(out["logits"].float(), labels)
-        total, metrics = fused, {"loss_fused": fused.item()}
+        total, metrics = fused, {"loss_fused": fused.detach()}
         if c.unimodal_weight > 0:
             uni = sum(F.cross_entropy(out[f"logits/{n}"].float(), labels) for n in names)
             total = total + c.unimodal_weight * uni
-            metrics["loss_unimodal"] = uni.item()
+            metrics["loss_unimodal"] = uni.detach()
         phase = self.contrastive_phase()
         if phase != "none":
             emb = [out[f"emb/{n}"] for n in names]
@@ -230,7 +230,7 @@ class ClassifyTask(Task):
             else:
                 term = multisoftclip_loss(emb, c.tau)
             total = total + c.contrastive_weight * term
-            metrics[f"loss_{phase}"] = term.item()
+            metrics[f"loss_{phase}"] = term.detach()
         return total, metrics
 
     def evaluate(self, model, device, dtype) -> dict:
@@ -328,7 +328,7 @@ class CBMFTask(Task):
         out = gather_outputs(out, self.shared_outputs)
         a, b = self.names
         loss = soft_target_contrastive_loss(out[a], out[b], out["logit_scale"])
-        return loss, {"temperature": 1.0 / out["logit_scale"].detach().float().item()}
+        return loss, {"temperature": 1.0 / out["logit_scale"].detach().float()}
 
     def val_loss(self, model: CBMF, device, dtype) -> float | None:
         """The loss over the cached validation pairs, in batches of about the global batch size
