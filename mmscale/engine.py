@@ -127,6 +127,7 @@ class Trainer:
         self.skipped = 0  # unreadable samples this rank replaced so far
         self.train_loss_sum, self.train_loss_steps = 0.0, 0  # since the last evaluation
         self.best = None  # early stopping: {"value", "step", "metrics", "bad"}
+        self.last_eval = (-1, {})  # (step, metrics) of the latest evaluation
         self.stop_signal = 0
         self.saved_step = -1
         for sig in STOP_SIGNALS:
@@ -239,6 +240,7 @@ class Trainer:
             self.log({"step": self.step, **metrics})
         if self.cfg.train.early_stopping.metric:
             self._track_best(metrics)
+        self.last_eval = (self.step, metrics)
         return metrics
 
     @staticmethod
@@ -315,7 +317,9 @@ class Trainer:
                 return {"step": self.step, "preempted": True}
         bar.close()
         self.save_checkpoint()
-        results = {"step": self.step, **self.evaluate()}
+        # an early stop comes right after an evaluation of this very step: no second one
+        last_step, metrics = self.last_eval
+        results = {"step": self.step, **(metrics if last_step == self.step else self.evaluate())}
         if t.early_stopping.metric:
             # the export already holds the best evaluation's weights
             results = {"step": self.step, "best_step": self.best["step"], **self.best["metrics"]}
