@@ -409,6 +409,8 @@ def _read_jsonl(path: str, classnames: list[str] | None) -> tuple[list[Sample], 
                 rows.append((row["image"], str(row["text"]), row["label"]))
             except (ValueError, KeyError, TypeError) as e:
                 raise ConfigError(f"{path}:{n}: not an image-text-label line ({e})") from None
+    if not rows:
+        raise ConfigError(f"{path}: no image-text-label lines")
     if classnames is None:
         names = sorted({r[2] for r in rows if isinstance(r[2], str)})
         classnames = names or [str(c) for c in range(max(int(r[2]) for r in rows) + 1)]
@@ -445,15 +447,15 @@ class LabelledCaptions(Dataset):
 def load_imagetext(cfg: DataConfig, image_size: int, seed: int = 0) -> LabelledSplits:
     """data.train / data.test: JSONL files or build_shards folders whose samples carry .cls or a
     "label" in their .json. Training items are augmented; validation and test items are not."""
-    def open_split(path, train, classnames):
-        transform = image_transform(image_size, train=train)
+    def open_split(path, classnames):
+        """(the split with the training transform, without it, class names); a JSONL file is read once."""
+        augment, plain = image_transform(image_size, train=True), image_transform(image_size, train=False)
         if os.path.isdir(path):
-            return ShardDataset(path, transform), classnames
+            return ShardDataset(path, augment), ShardDataset(path, plain), classnames
         samples, classnames = _read_jsonl(path, classnames)
-        return CaptionDataset(samples, transform), classnames
+        return CaptionDataset(samples, augment), CaptionDataset(samples, plain), classnames
 
-    train, classnames = open_split(cfg.train, True, None)
-    plain, _ = open_split(cfg.train, False, classnames)
+    train, plain, classnames = open_split(cfg.train, None)
     labels = LabelledCaptions(train).labels()
     if min(labels) < 0:
         raise ConfigError(f"data.train: {cfg.train} has samples without a label")
@@ -461,7 +463,7 @@ def load_imagetext(cfg: DataConfig, image_size: int, seed: int = 0) -> LabelledS
         names = os.path.join(cfg.train, "_meta", "classes.json")  # written by build_shards --label-col
         classnames = json.load(open(names)) if os.path.isfile(names) else [str(c) for c in range(max(labels) + 1)]
     keep, held = stratified_holdout(labels, cfg.val_fraction, seed)
-    test = LabelledCaptions(open_split(cfg.test, False, classnames)[0]) if cfg.test else None
+    test = LabelledCaptions(open_split(cfg.test, classnames)[1]) if cfg.test else None
     return LabelledSplits(LabelledCaptions(train, keep), LabelledCaptions(plain, held) if len(held) else None,
                           test, classnames, {})
 

@@ -294,6 +294,9 @@ def test_jsonl_loader_names_classes_and_bad_lines(tmp_path):
         f.write('{"image": "x.png", "text": "no label"}\n')
     with pytest.raises(ConfigError, match=r"train\.jsonl:41: not an image-text-label line"):
         load_imagetext(DataConfig(type="imagetext", train=f"{root}/train.jsonl"), image_size=32)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match="empty.jsonl: no image-text-label lines"):
+        load_imagetext(DataConfig(type="imagetext", train=str(tmp_path / "empty.jsonl")), image_size=32)
 
 
 def test_build_shards_label_column_feeds_the_classifier(tmp_path):
