@@ -9,7 +9,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -53,7 +53,7 @@ class HeadConfig:
 
 @dataclass
 class FusionConfig:
-    # "none": plain dual encoder; "shared_block": the concat-fusion baseline (see docs/RECIPES.md)
+    # "none": plain dual encoder; "shared_block": the concat-fusion baseline (see docs/DESIGN.md)
     type: Literal["none", "shared_block"] = "none"
     width: int = 0  # 0: the image tower's width
     num_heads: int = 8
@@ -62,6 +62,8 @@ class FusionConfig:
 @dataclass
 class ModalityConfig:
     """One input of a fine-tuning model (task: classify or cbmf)."""
+    __variants__: ClassVar[dict] = {"tower": ("kind", {"tabular": None, "image": ImageTowerConfig,
+                                                       "text": TextTowerConfig})}
     name: str = ""  # output and metric prefix, e.g. mrna, image, text
     kind: Literal["tabular", "image", "text"] = "tabular"
     # where the input sits in the data: a MOGONET view number ("1" -> 1_tr.csv) or an image-text
@@ -70,8 +72,8 @@ class ModalityConfig:
     # tabular: an MLP input_dim -> hidden_dims... -> model.embed_dim (input_dim 0: from the data)
     input_dim: int = 0
     hidden_dims: list = field(default_factory=lambda: [1000])
-    # image / text: the tower, with the keys of model.image / model.text
-    tower: dict = field(default_factory=dict)
+    # image / text: the tower (the keys of an image or text tower; none for tabular)
+    tower: Optional[Union[ImageTowerConfig, TextTowerConfig]] = None
 
 
 @dataclass
@@ -93,27 +95,45 @@ class DFEConfig:
     features: Literal["pooled", "tokens"] = "pooled"
 
 
+# model: and loss: hold what the recipe's task uses, nothing else (a tagged union on `task`)
+
 @dataclass
-class ModelConfig:
+class ClipModelConfig:
+    """task clip: a dual encoder (CMLA)."""
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     temperature: float = 0.07
     learn_temperature: bool = False
-    # fine-tuning tasks (classify, cbmf)
-    modalities: list[ModalityConfig] = field(default_factory=list)
-    embed_dim: int = 0  # per-modality embedding width; 0: a tower's own width
-    num_classes: int = 0  # task classify; 0: from the data
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    dfe: DFEConfig = field(default_factory=DFEConfig)
 
 
 @dataclass
-class LossConfig:
+class ClassifyModelConfig:
+    """task classify: modality encoders, unimodal heads and a fused head (UniS-MMC, M3CoL, baselines)."""
+    modalities: list[ModalityConfig] = field(default_factory=list)
+    embed_dim: int = 0  # per-modality embedding width; 0: a tower's own width
+    num_classes: int = 0  # 0: from the data (the saved config.yaml holds the number)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass
+class CBMFModelConfig:
+    """task cbmf: two frozen towers, projections, contexts and one Deep Fusion Encoder."""
+    modalities: list[ModalityConfig] = field(default_factory=list)
+    dfe: DFEConfig = field(default_factory=DFEConfig)
+    temperature: float = 0.07  # initial value; CBMF learns it
+
+
+@dataclass
+class ClipLossConfig:
     # global: every rank builds the full B x B logits; local: only its rows (same gradients, less compute)
     variant: Literal["global", "local"] = "global"
-    # task classify: L = CE(fused) + unimodal_weight * sum_m CE(m) + contrastive_weight * contrastive
+
+
+@dataclass
+class ClassifyLossConfig:
+    # L = CE(fused) + unimodal_weight * sum_m CE(m) + contrastive_weight * contrastive
     unimodal_weight: float = 1.0
     # m3col: m3co for the first m3co_fraction of training, then multisoftclip (M3CoL)
     contrastive: Literal["none", "unis_mmc", "m3co", "multisoftclip", "m3col"] = "none"
@@ -122,6 +142,15 @@ class LossConfig:
     m3co_fraction: float = 0.3333
     mixup_alpha: float = 0.15  # lambda ~ Beta(alpha, alpha) for m3co and for input mixup
     mixup: bool = False  # input mixup with mixed-label CE on the fused head (the mixup baseline)
+
+
+@dataclass
+class CBMFLossConfig:
+    """CBMF's soft-target contrastive loss (eq. 3-6) has no options yet."""
+
+
+MODEL_CONFIGS = {"clip": ClipModelConfig, "classify": ClassifyModelConfig, "cbmf": CBMFModelConfig}
+LOSS_CONFIGS = {"clip": ClipLossConfig, "classify": ClassifyLossConfig, "cbmf": CBMFLossConfig}
 
 
 @dataclass
@@ -223,9 +252,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    __variants__: ClassVar[dict] = {"model": ("task", MODEL_CONFIGS), "loss": ("task", LOSS_CONFIGS)}
     task: Literal["clip", "classify", "cbmf"] = "clip"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    model: Union[ClipModelConfig, ClassifyModelConfig, CBMFModelConfig] = field(default_factory=ClipModelConfig)
+    loss: Union[ClipLossConfig, ClassifyLossConfig, CBMFLossConfig] = field(default_factory=ClipLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -285,7 +315,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls, data: dict, prefix: str = ""):
+    """A typed `cls` from a YAML mapping. Fields listed in `cls.__variants__` are tagged unions:
+    their class is picked by a sibling field (model: by task, a modality's tower: by kind), so a
+    key that belongs to another variant is an unknown key naming the variant."""
     hints = typing.get_type_hints(cls)
+    variants = getattr(cls, "__variants__", {})
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
@@ -293,8 +327,28 @@ def _build(cls, data: dict, prefix: str = ""):
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name in data:
+        if f.name in data and f.name not in variants:
             kwargs[f.name] = _check_type(data[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+    for name, (tag, choices) in variants.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tag_value = kwargs.get(tag, next(f.default for f in dataclasses.fields(cls) if f.name == tag))
+        variant = choices[tag_value]
+        value = data.get(name)
+        if variant is None:
+            if value is not None:
+                raise ConfigError(f"{key}: a {tag} {tag_value} has no {name}")
+            kwargs[name] = None
+        else:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            try:
+                kwargs[name] = _build(variant, value or {}, key)
+            except ConfigError as e:
+                where, _, rest = str(e).partition(": ")
+                if rest.startswith("unknown key (") and where.rpartition(".")[0] == key:
+                    # a key of another variant, e.g. model.image in a classify recipe: say so
+                    raise ConfigError(f"{where}: unknown key for {tag} {tag_value}{rest[len('unknown key'):]}") from None
+                raise
     return cls(**kwargs)
 
 
@@ -315,7 +369,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             if last:
                 node[p] = value
             else:
-                node = node.setdefault(p, {})
+                if node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
         else:
             raise ConfigError(f"{dotted}: {parts[i - 1]} is not a mapping")
 
@@ -360,24 +416,31 @@ def read_recipe(path: str, _seen: tuple = ()) -> dict:
     return tree
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """The typed, validated config of a recipe (or a run's saved config.yaml) with overrides.
+    check_files=False skips the checks that data and weight files exist: a saved run's model can
+    be rebuilt on a machine without its training data."""
     tree = read_recipe(path) if path else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
+    return config_from_dict(tree, check_files)
+
+
+def config_from_dict(tree: dict, check_files: bool = True) -> Config:
     cfg = _build(Config, tree)
     validate(cfg)
+    if check_files:
+        validate_files(cfg)
     return cfg
 
 
+# ---------------------------------------------------------------- validation
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks and files that must exist; each names its key."""
-    m, t, d = cfg.model, cfg.train, cfg.data
-    if not 0 < m.temperature:
+    """Cross-field checks; each names its key. No file system access (see validate_files)."""
+    t, d, o = cfg.train, cfg.data, cfg.optim
+    if cfg.task in ("clip", "cbmf") and not 0 < cfg.model.temperature:
         raise ConfigError("model.temperature: must be > 0")
-    if isinstance(m.image.pretrained, str) and not os.path.exists(m.image.pretrained) and "/" in m.image.pretrained:
-        raise ConfigError(f"model.image.pretrained: file not found: {m.image.pretrained}")
-    if m.text.source == "hf" and (m.text.name.startswith((".", "/")) and not os.path.isdir(m.text.name)):
-        raise ConfigError(f"model.text.name: folder not found: {m.text.name}")
     if t.global_batch_size <= 0:
         raise ConfigError("train.global_batch_size: must be > 0")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -386,15 +449,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.grad_cache_chunk: must be >= 0")
     if t.steps <= 0 and t.epochs <= 0:
         raise ConfigError("train.steps: set train.steps or train.epochs to a positive number")
-    if d.type in ("imagefolder",) and not os.path.isdir(d.root):
-        raise ConfigError(f"data.root: folder not found: {d.root!r}")
-    if d.type == "coco":
-        if not os.path.isdir(d.root):
-            raise ConfigError(f"data.root: folder not found: {d.root!r}")
-        if not os.path.isfile(d.captions):
-            raise ConfigError(f"data.captions: file not found: {d.captions!r}")
-    if d.type == "shards" and not os.path.isfile(os.path.join(d.shards, "_meta", "shards.json")):
-        raise ConfigError(f"data.shards: no shard index in {d.shards!r} (build it with tools/build_shards.py)")
     if d.type == "webdataset":
         if not d.shards:
             raise ConfigError("data.shards: required for data.type webdataset")
@@ -402,37 +456,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.num_samples: required (> 0) for data.type webdataset")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction: must be in [0, 1)")
-    for key in ("zeroshot_datasets", "linear_probe", "retrieval_datasets"):
-        for name, spec in getattr(cfg.eval, key).items():
-            path = str(spec).split(",")[0]
-            if not os.path.exists(path):
-                raise ConfigError(f"eval.{key}.{name}: not found: {path}")
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError("optim.warmup_steps: must be >= 0")
-    if cfg.optim.schedule == "plateau" and cfg.optim.warmup_steps:
-        raise ConfigError("optim.warmup_steps: not supported with optim.schedule plateau")
-    if cfg.optim.schedule == "step" and cfg.optim.step_size <= 0:
-        raise ConfigError("optim.step_size: must be > 0 for optim.schedule step")
-    if (cfg.train.early_stopping.metric or cfg.optim.schedule == "plateau") and cfg.train.eval_every <= 0:
-        raise ConfigError("train.eval_every: early stopping and the plateau schedule need evaluations (> 0)")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError("data.val_fraction: must be in [0, 1)")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps: must be >= 0")
+    if o.schedule == "plateau" and o.warmup_steps:
+        raise ConfigError("optim.warmup_steps: not supported with optim.schedule plateau")
+    if o.schedule == "step" and o.step_size <= 0:
+        raise ConfigError("optim.step_size: must be > 0 for optim.schedule step")
+    if (t.early_stopping.metric or o.schedule == "plateau") and t.eval_every <= 0:
+        raise ConfigError("train.eval_every: early stopping and the plateau schedule need evaluations (> 0)")
     if cfg.task in ("classify", "cbmf"):
         validate_modalities(cfg)
-
-
-def tower_config(mod: ModalityConfig, index: int):
-    """The typed tower config of an image/text modality (keys as in model.image / model.text)."""
-    cls = ImageTowerConfig if mod.kind == "image" else TextTowerConfig
-    return _build(cls, mod.tower, f"model.modalities.{index}.tower")
-
-
-def image_size(model: ModelConfig) -> int:
-    """The input size of the model's image tower: model.image's, or its image modality's."""
-    for i, m in enumerate(model.modalities):
-        if m.kind == "image":
-            return tower_config(m, i).image_size
-    return model.image.image_size
 
 
 def validate_modalities(cfg: Config) -> None:
@@ -445,39 +480,89 @@ def validate_modalities(cfg: Config) -> None:
             raise ConfigError(f"model.modalities.{i}.name: required")
         if names.count(m.name) > 1:
             raise ConfigError(f"model.modalities.{i}.name: {m.name!r} is used twice")
-        if m.kind == "tabular":
-            if cfg.model.embed_dim <= 0:
-                raise ConfigError("model.embed_dim: tabular modalities need an embedding width (> 0)")
-        else:
-            tower_config(m, i)
-        if d.type == "multiview":
-            if m.kind != "tabular":
-                raise ConfigError(f"model.modalities.{i}.kind: data.type multiview has tabular views only")
+        if cfg.task == "cbmf" and m.kind == "tabular":
+            raise ConfigError(f"model.modalities.{i}.kind: cbmf needs image or text towers, not {m.kind}")
+        if m.kind == "tabular" and cfg.model.embed_dim <= 0:
+            raise ConfigError("model.embed_dim: tabular modalities need an embedding width (> 0)")
+        if d.type == "multiview" and m.kind != "tabular":
+            raise ConfigError(f"model.modalities.{i}.kind: data.type multiview has tabular views only")
+        if d.type == "imagetext" and (m.key or m.name) not in ("image", "text"):
+            raise ConfigError(f"model.modalities.{i}.key: data.type imagetext has the fields image and text")
+    if cfg.task == "cbmf":
+        if len(mods) != 2:
+            raise ConfigError(f"model.modalities: cbmf aligns exactly two frozen towers, got {len(mods)}")
+        if d.type not in ("digits", "imagefolder", "coco"):
+            raise ConfigError(f"data.type: task cbmf reads image-caption pairs (digits, imagefolder, coco), "
+                              f"not {d.type}")
+        if cfg.train.early_stopping.metric.startswith("val/") and d.val_fraction <= 0:
+            raise ConfigError("data.val_fraction: early stopping on val/* needs a validation share (> 0)")
+    if cfg.task == "classify":
+        c = cfg.loss
+        if d.type not in ("multiview", "imagetext"):
+            raise ConfigError(f"data.type: task classify reads multiview or imagetext data, not {d.type}")
+        if c.contrastive != "none" and len(mods) < 2:
+            raise ConfigError(f"loss.contrastive: {c.contrastive} needs two or more modalities")
+        if c.contrastive in ("m3co", "m3col") or c.mixup:
+            if cfg.train.grad_cache_chunk:
+                raise ConfigError("train.grad_cache_chunk: mixup pairs samples across the whole batch; "
+                                  "use 0 with m3co/m3col/mixup")
+            if any(m.kind == "text" and m.tower.source != "hf" for m in mods):
+                raise ConfigError("loss.contrastive: text mixup mixes token embeddings and needs an hf text tower")
+
+
+def validate_files(cfg: Config) -> None:
+    """The files and folders a training run reads exist; each error names its key."""
+    d = cfg.data
+    for _, key, tower in _towers(cfg.model):
+        where = "model." + key
+        if isinstance(tower, ImageTowerConfig):
+            if isinstance(tower.pretrained, str) and "/" in tower.pretrained and not os.path.exists(tower.pretrained):
+                raise ConfigError(f"{where}.pretrained: file not found: {tower.pretrained}")
+        elif tower.source == "hf" and tower.name.startswith((".", "/")) and not os.path.isdir(tower.name):
+            raise ConfigError(f"{where}.name: folder not found: {tower.name}")
+    if d.type in ("imagefolder", "coco") and not os.path.isdir(d.root):
+        raise ConfigError(f"data.root: folder not found: {d.root!r}")
+    if d.type == "coco" and not os.path.isfile(d.captions):
+        raise ConfigError(f"data.captions: file not found: {d.captions!r}")
+    if d.type == "shards" and not os.path.isfile(os.path.join(d.shards, "_meta", "shards.json")):
+        raise ConfigError(f"data.shards: no shard index in {d.shards!r} (build it with tools/build_shards.py)")
+    if d.type == "multiview":
+        for i, m in enumerate(cfg.model.modalities):
             path = os.path.join(d.root, f"{m.key or m.name}_tr.csv")
             if not os.path.isfile(path):
                 raise ConfigError(f"model.modalities.{i}.key: view file not found: {path}")
-        if d.type == "imagetext" and (m.key or m.name) not in ("image", "text"):
-            raise ConfigError(f"model.modalities.{i}.key: data.type imagetext has the fields image and text")
-    if d.type == "multiview" and not os.path.isfile(os.path.join(d.root, "labels_tr.csv")):
-        raise ConfigError(f"data.root: no labels_tr.csv in {d.root!r} (MOGONET layout)")
+        if not os.path.isfile(os.path.join(d.root, "labels_tr.csv")):
+            raise ConfigError(f"data.root: no labels_tr.csv in {d.root!r} (MOGONET layout)")
     if d.type == "imagetext":
         for key in ("train", "test"):
             path = getattr(d, key)
             if (key == "train" or path) and not os.path.exists(path):
                 raise ConfigError(f"data.{key}: not found: {path!r}")
-    if cfg.task == "cbmf" and len(mods) != 2:
-        raise ConfigError(f"model.modalities: cbmf aligns exactly two frozen towers, got {len(mods)}")
-    if cfg.task == "classify":
-        if d.type not in ("multiview", "imagetext"):
-            raise ConfigError(f"data.type: task classify reads multiview or imagetext data, not {d.type}")
-        if cfg.loss.contrastive != "none" and len(mods) < 2:
-            raise ConfigError(f"loss.contrastive: {cfg.loss.contrastive} needs two or more modalities")
-        if cfg.loss.contrastive in ("m3co", "m3col") or cfg.loss.mixup:
-            if cfg.train.grad_cache_chunk:
-                raise ConfigError("train.grad_cache_chunk: mixup pairs samples across the whole batch; "
-                                  "use 0 with m3co/m3col/mixup")
-            if any(m.kind == "text" and m.tower.get("source", "hf") != "hf" for m in mods):
-                raise ConfigError("loss.contrastive: text mixup mixes token embeddings and needs an hf text tower")
+    for key in ("zeroshot_datasets", "linear_probe", "retrieval_datasets"):
+        for name, spec in getattr(cfg.eval, key).items():
+            path = str(spec).split(",")[0]
+            if not os.path.exists(path):
+                raise ConfigError(f"eval.{key}.{name}: not found: {path}")
+
+
+# ---------------------------------------------------------------- questions about a config
+
+def _towers(model) -> list[tuple[str, str, ImageTowerConfig | TextTowerConfig]]:
+    """(name, dotted key under model., config) of every tower of a model config."""
+    if isinstance(model, ClipModelConfig):
+        return [("image", "image", model.image), ("text", "text", model.text)]
+    return [(m.name, f"modalities.{i}.tower", m.tower) for i, m in enumerate(model.modalities) if m.tower is not None]
+
+
+def tower_configs(model) -> dict[str, ImageTowerConfig | TextTowerConfig]:
+    """The model's towers by name: image and text for a dual encoder, the modality names otherwise."""
+    return {name: tower for name, _, tower in _towers(model)}
+
+
+def image_size(model) -> int | None:
+    """The input size of the model's image tower, None if it has none."""
+    sizes = [t.image_size for t in tower_configs(model).values() if isinstance(t, ImageTowerConfig)]
+    return sizes[0] if sizes else None
 
 
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -497,16 +582,5 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    path = str(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
-
-
-def config_from_dict(tree: dict, check: bool = True) -> Config:
-    """check=False skips validate() (files a run needed but a rebuilt export does not)."""
-    cfg = _build(Config, tree)
-    if check:
-        validate(cfg)
-    return cfg
+    from .files import atomic_write
+    atomic_write(str(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

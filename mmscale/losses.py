@@ -1,6 +1,9 @@
-"""Symmetric InfoNCE (CMLA eq. 5-8) with an all-gather that carries gradients.
+"""The losses, as functions of model outputs (and labels) only: symmetric InfoNCE (CMLA eq. 5-8)
+over the batch gathered from all ranks; CBMF's soft-target loss; UniS-MMC; M3Co and
+MultiSoftClip (M3CoL); mixup cross-entropy. Fine-tuning losses take the already gathered batch
+(dist.gather_outputs), the `global` convention below.
 
-Features are expected L2-normalised and logit_scale is the multiplier exp(log(1/tau)),
+CLIP features are expected L2-normalised and logit_scale is the multiplier exp(log(1/tau)),
 as in open_clip's ClipLoss, so the two agree on the same inputs.
 
 Distributed gradient convention (DeepSpeed/DDP average parameter gradients over ranks):
@@ -14,42 +17,9 @@ Either way the parameter gradients equal a single-process full-batch step.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward returns the sum over ranks of the gradient for our rows.
-
-    all_reduce + slice instead of reduce_scatter because gloo (CPU) has no reduce_scatter.
-    Every rank must contribute the same number of rows.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = rank_and_world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    if rank_and_world()[1] == 1:
-        return x
-    return _AllGatherWithGrad.apply(x)
+from .dist import all_gather_with_grad, rank_and_world
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -74,23 +44,6 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     else:
         raise ValueError(f"loss.variant: {variant!r} is not global or local")
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
-
-
-def gather_outputs(out: dict, shared=()) -> dict:
-    """This rank's per-sample outputs all-gathered (with gradients) into the global batch.
-
-    Fine-tuning losses are written for one process holding the whole batch; computing them on
-    the gathered batch on every rank is the `global` convention above, so parameter gradients
-    equal the single-process full-batch step after DeepSpeed's 1/W averaging.
-    """
-    return {k: v if k in shared else all_gather_with_grad(v) for k, v in out.items()}
-
-
-def global_index(local_index: torch.Tensor) -> torch.Tensor:
-    """Gathered per-rank row indices (each rank's 0..n-1) -> indices into the gathered batch."""
-    _, world = rank_and_world()
-    n = local_index.shape[0] // world
-    return local_index + torch.arange(local_index.shape[0], device=local_index.device) // n * n
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,11 @@
-"""Entry point: `deepspeed mmscale/train.py RECIPE [key.sub=value ...]`.
+"""Train a recipe: `deepspeed mmscale/train.py RECIPE [key.sub=value ...]`.
 
-Also runs under torchrun, srun or plain python (one process)."""
+Runs under the deepspeed launcher, torchrun, srun or plain python (one process); also installed
+as `mmscale-train`. The recipe's task (clip, classify, cbmf) decides what is trained; the run
+folder (train.run_dir) gets config.yaml, metrics.jsonl, checkpoints/, export/ and results.json.
+Rerunning the same command resumes from checkpoints/latest. Exit codes: 0 done, 2 bad recipe
+(one line naming the key), 75 stopped by SIGTERM/SIGUSR1 at a checkpoint (rerun to continue).
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +15,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmscale.train", description=__doc__)
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/cmla.yaml")
+    parser = argparse.ArgumentParser(prog="mmscale-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/cmla.yaml (schema: mmscale/config.py)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=3e-4")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)

@@ -4,7 +4,8 @@ import torch
 
 from conftest import shared_path
 from mmscale.config import DataConfig
-from mmscale.data import BatchStream, CaptionDataset, Collate, image_transform, load_splits
+from mmscale.data.images import CaptionDataset, image_transform, load_splits
+from mmscale.data.stream import BatchStream, Collate
 
 
 class Items(torch.utils.data.Dataset):  # the key is the item
@@ -64,7 +65,7 @@ def write_digit_shards(folder, per_shard=100, shards=3, corrupt=()):
     """Digits as tar shards in build_shards' layout (tars + _meta/shards.json); the sample
     numbers in `corrupt` get bytes that are no image."""
     import webdataset as wds
-    from mmscale.shards import write_index
+    from mmscale.data.shards import write_index
     splits = load_splits(DataConfig(type="digits", caption_template="a photo of the number {}.", eval_fraction=0.0))
     os.makedirs(folder, exist_ok=True)
     k = 0
@@ -81,7 +82,7 @@ def write_digit_shards(folder, per_shard=100, shards=3, corrupt=()):
 
 def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):
     import warnings
-    from mmscale.data import ShardDataset
+    from mmscale.data.shards import ShardDataset
     write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt={12})
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
     assert len(ds) == 20

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port
-from mmscale.engine import lr_lambda
+from mmscale.engine.schedule import lr_lambda
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 
@@ -112,6 +112,25 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
         assert skipped[-1] >= 1 and skipped == sorted(skipped)
 
 
+OPEN_CLIP_TINY = ("{model_cfg: {embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 64, head_width: 32, "
+                  "patch_size: 8}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 1}}}")
+
+
+@pytest.mark.slow
+def test_open_clip_towers_train_on_two_ranks(tmp_path):
+    """open_clip's towers under DeepSpeed ZeRO-2 on 2 ranks: the text half's unused 0-dim
+    logit_scale used to stop DeepSpeed's start-up broadcast ("self.dim() cannot be 0")."""
+    run_dir = str(tmp_path / "oc")
+    finish(launch(run_dir, "model.image.source=open_clip", "model.image.name=tiny", f"model.image.kwargs={OPEN_CLIP_TINY}",
+                  "model.text.source=open_clip", "model.text.name=tiny", f"model.text.config_overrides={OPEN_CLIP_TINY}",
+                  "train.steps=3", "train.log_every=1", "train.zero_stage=2", "train.grad_cache_chunk=8"))
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    from mmscale.export import load_export
+    model = load_export(os.path.join(run_dir, "export"))
+    assert all(p.dim() > 0 for p in model.parameters())
+
+
 @pytest.mark.slow
 def test_export_rebuilds_offline_and_reproduces_eval(tmp_path):
     """A one-process run with bf16, ZeRO-3, a learnable temperature and the gradient cache; the
@@ -125,11 +144,11 @@ def test_export_rebuilds_offline_and_reproduces_eval(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
     from mmscale.config import load_config
-    from mmscale.models import load_export
+    from mmscale.export import load_export
     from mmscale.tasks import ClipTask
     model = load_export(os.path.join(run_dir, "export"))
     state = load_file(os.path.join(run_dir, "export", "model.safetensors"))
-    assert "log_logit_scale" in state and state["log_logit_scale"].shape == (1,)
+    assert "logit_scale.log_value" in state and state["logit_scale.log_value"].shape == (1,)
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     metrics = ClipTask(cfg).evaluate(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16)
     assert metrics["zeroshot/top1"] == pytest.approx(results["zeroshot/top1"], abs=0.02)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port, shared_path
 from mmscale.config import ConfigError, DataConfig, ModalityConfig, load_config
-from mmscale.data import load_multiview
-from mmscale.evaluate import classification_metrics
+from mmscale.data.labelled import load_multiview
+from mmscale.eval import classification_metrics
 
 ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "unis_mmc_rosmap.yaml", "mixup_rosmap.yaml",
                   "unimodal_rosmap.yaml"]
@@ -114,11 +114,13 @@ def test_imagetext_recipes_parse(recipe, tmp_path):
         load_config(os.path.join(ROOT, "recipes", recipe))
 
 
-def test_recipe_base_overrides_key_by_key(tmp_path):
-    shared_path("rosmap")
-    cfg = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap.yaml"))
+def test_recipe_base_overrides_key_by_key():
+    cfg = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap.yaml"), check_files=False)
     assert (cfg.loss.contrastive, cfg.loss.tau, cfg.loss.contrastive_weight) == ("m3col", 0.1, 0.1)
     assert cfg.optim.lr == 2e-3 and len(cfg.model.modalities) == 3 and cfg.train.run_dir == "runs/m3col_rosmap"
+
+
+def test_recipe_base_cycle_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
@@ -236,12 +238,16 @@ def test_early_stopping_keeps_the_best_and_plateau_lowers_the_lr(tmp_path):
     lrs = [r["lr"] for r in records(run) if "lr" in r]
     assert lrs[0] == pytest.approx(0.05) and min(lrs) < 0.05
 
-    from mmscale.models import load_export
+    from mmscale.export import load_export
+    from mmscale.models import build_model
     from mmscale.tasks import ClassifyTask
     model = load_export(os.path.join(run, "export"))
     cfg = load_config(os.path.join(run, "config.yaml"))
     again = ClassifyTask(cfg).evaluate(model, torch.device("cpu"), torch.float32)
     assert again["test/acc"] == pytest.approx(results["test/acc"]) and again["val/loss"] == pytest.approx(results["val/loss"], rel=1e-5)
+    # the run folder's config.yaml holds what the data decided, so it rebuilds the model by itself
+    assert cfg.model.num_classes == 3 and [m.input_dim for m in cfg.model.modalities] == [5, 7]
+    build_model(cfg).load_state_dict(load_file(os.path.join(run, "export", "model.safetensors")))
 
 
 @pytest.mark.slow
@@ -268,7 +274,7 @@ def write_digit_jsonl(folder, n=60, names=True):
     """Real images (scikit-learn's digits as PNGs) with captions that describe them only loosely."""
     from sklearn.datasets import load_digits
     from PIL import Image
-    from mmscale.data import DIGIT_NAMES
+    from mmscale.data.images import DIGIT_NAMES
     d = load_digits()
     os.makedirs(folder, exist_ok=True)
     for split, rows in (("train", range(n)), ("test", range(n, n + 30))):
@@ -282,7 +288,7 @@ def write_digit_jsonl(folder, n=60, names=True):
 
 
 def test_jsonl_loader_names_classes_and_bad_lines(tmp_path):
-    from mmscale.data import load_imagetext
+    from mmscale.data.labelled import load_imagetext
     root = write_digit_jsonl(str(tmp_path / "j"), n=40)
     data = load_imagetext(DataConfig(type="imagetext", train=f"{root}/train.jsonl", test=f"{root}/test.jsonl",
                                      val_fraction=0.2), image_size=32)
@@ -303,8 +309,8 @@ def test_build_shards_label_column_feeds_the_classifier(tmp_path):
     """build_shards --label-col over loopback HTTP -> shards whose samples carry their class ->
     the imagetext loader reads the classes back by name."""
     from test_shards import Server, real_photos
-    from mmscale.data import load_imagetext
-    from mmscale.shards import BuildOptions, build_shards
+    from mmscale.data.labelled import load_imagetext
+    from mmscale.data.shards import BuildOptions, build_shards
     site = tmp_path / "site"
     site.mkdir()
     server = Server(str(site))
@@ -345,7 +351,7 @@ def test_image_text_m3col_mixes_pixels_and_token_embeddings(tmp_path):
     assert ["loss_m3co" in r for r in steps] == [True] * 3 + [False] * 3
     assert all(np.isfinite(r["loss"]) for r in steps)
     results = json.load(open(os.path.join(run, "results.json")))
-    from mmscale.models import load_export
+    from mmscale.export import load_export
     from mmscale.tasks import ClassifyTask
     model = load_export(os.path.join(run, "export"))
     assert os.path.isfile(os.path.join(run, "export", "text_text", "tokenizer.json"))

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from distributed import run_ranks
-from mmscale.losses import (gather_outputs, global_index, m3co_loss, mixup_cross_entropy,
-                            multisoftclip_loss, soft_target_contrastive_loss, unis_mmc_loss)
+from mmscale.dist import gather_outputs, global_index
+from mmscale.losses import (m3co_loss, mixup_cross_entropy, multisoftclip_loss, soft_target_contrastive_loss,
+                            unis_mmc_loss)
 
 N, D, C = 6, 5, 3
 
@@ -471,5 +472,7 @@ def test_two_ranks_equal_single_process_full_batch(name, two_rank_results):
     assert torch.allclose(got["loss"], ref, atol=1e-6)
     want = param_grads(model)
     assert any(v.abs().max() > 0 for v in want.values())
+    # float32 sums in another order (per-rank rows, then all-reduce): about 4e-6 at |g| ~ 6 on
+    # some CPUs; a real mistake (a missing 1/W, a wrong row) is of the order of the gradient
     for k, v in want.items():
-        assert torch.allclose(got["grads"][k], v, atol=1e-6), k
+        assert torch.allclose(got["grads"][k], v, atol=1e-5), k

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED
-from mmscale.shards import BuildOptions, build_shards
+from mmscale.data.shards import BuildOptions, build_shards
 
 
 class Server:

@@ -1,66 +1,8 @@
 #!/usr/bin/env python
-"""Data-loader throughput: images/s for decode + augment + tokenize, per worker count.
-
-Builds the recipe's own training loader (same dataset, transforms, tokenizer, batching) and
-times batches after a warm-up, so the GPU work can tell whether the loader starves the GPU:
-compare images/s per worker x workers per GPU with the trainer's samples/s per GPU.
-
-    python tools/bench_loader.py recipes/tiny.yaml data.type=coco \\
-        data.root=../shared/data/coco-mini/val2017 \\
-        data.captions=../shared/data/coco-mini/annotations/captions_val2017.json \\
-        model.image.image_size=224 --workers 0 1 2
-"""
-import argparse
-import os
+"""`python tools/bench_loader.py ...` is `mmscale-bench-loader ...`: see mmscale/cli/bench_loader.py or `mmscale-bench-loader --help`."""
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=10)
-    args = p.parse_args()
-
-    import torch
-    from transformers import AutoTokenizer
-    from mmscale.config import load_config
-    from mmscale.models import HFTokenize, resolve_text_path
-    from mmscale.tasks import ClipTask
-
-    torch.set_num_threads(1)  # one worker = one core, as in training
-    cfg = load_config(args.recipe, args.overrides + [f"train.global_batch_size={args.batch}"])
-    if cfg.model.text.source != "hf":
-        raise SystemExit("bench_loader: only HF text towers are supported (model.text.source)")
-    tokenize = HFTokenize(AutoTokenizer.from_pretrained(resolve_text_path(cfg.model.text.name)), cfg.model.text.max_length)
-
-    class TokenizerOnly:  # the stream needs only the text tower's tokenizer
-        class text_tower:
-            @staticmethod
-            def tokenize_fn():
-                return tokenize
-
-    print(f"{'workers':>7} {'images/s':>10} {'per worker':>10}   image {cfg.model.image.image_size}px, "
-          f"batch {args.batch}, {cfg.data.type}")
-    for workers in args.workers:
-        cfg.data.num_workers = workers
-        stream = ClipTask(cfg).train_stream(TokenizerOnly, rank=0, world=1)
-        it = iter(stream)
-        next(it)  # start-up and worker spawn are not throughput
-        n = args.batches
-        tic = time.perf_counter()
-        for _ in range(n):
-            next(it)
-        rate = n * args.batch / (time.perf_counter() - tic)
-        print(f"{workers:>7} {rate:>10.1f} {rate / max(1, workers):>10.1f}")
-    return 0
-
+from mmscale.cli.bench_loader import main
 
 if __name__ == "__main__":
     sys.exit(main())

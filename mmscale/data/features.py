@@ -24,14 +24,13 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from .config import tower_config
-from .data import CaptionDataset, Sample, collate_images_labels, image_transform
-from .evaluate import _gather, _my_shard
-from .losses import rank_and_world
+from ..dist import barrier, broadcast_object, gather_rows, rank_and_world, shard_rows
+from ..files import atomic_path
+from .images import CaptionDataset, Sample, image_transform
+from .stream import collate_images_labels
 
 FORMAT = 1  # bump when what a cache file means changes (transforms, layout)
 
@@ -62,8 +61,8 @@ def _weights_digest(module: torch.nn.Module) -> str:
 def fingerprint(model, model_cfg, samples: list[Sample]) -> str:
     """Hash of what the cached numbers depend on: tower configs (image size, max length, ...)
     and weights, the feature mode and the samples."""
-    towers = [{"name": m.name, "kind": m.kind, "tower": asdict(tower_config(m, i)),
-               "weights": _weights_digest(model.tower(m.name))} for i, m in enumerate(model_cfg.modalities)]
+    towers = [{"name": m.name, "kind": m.kind, "tower": asdict(m.tower),
+               "weights": _weights_digest(model.tower(m.name))} for m in model_cfg.modalities]
     spec = {"format": FORMAT, "features": model_cfg.dfe.features, "towers": towers,
             "samples": _sample_digest(samples), "n": len(samples)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -85,7 +84,7 @@ def _unique(samples: list[Sample], kind: str) -> tuple[list[int], torch.Tensor]:
 def _tower_outputs(model, name: str, kind: str, samples: list[Sample], image_size: int, device,
                    batch_size: int) -> dict:
     """{"feat": [n, w] or [n, T, w], "mask": [n, T] (tokens)} over samples, identical on every rank."""
-    idx, _ = _my_shard(len(samples))
+    idx = shard_rows(len(samples))
     feats, masks = [], []
     if kind == "image":
         ds = Subset(CaptionDataset(samples, image_transform(image_size, train=False)), idx)
@@ -100,9 +99,9 @@ def _tower_outputs(model, name: str, kind: str, samples: list[Sample], image_siz
         feats.append(feat.float())
         if mask is not None:
             masks.append(mask.to(torch.uint8))  # gloo gathers no bool tensors
-    out = {"feat": _gather(torch.cat(feats), len(samples)).cpu()}
+    out = {"feat": gather_rows(torch.cat(feats), len(samples)).cpu()}
     if masks:
-        mask = _gather(torch.cat(masks), len(samples)).cpu().bool()
+        mask = gather_rows(torch.cat(masks), len(samples)).cpu().bool()
         width = int(mask.any(0).nonzero().max()) + 1  # drop the padding no sample uses
         out = {"feat": out["feat"][:, :width].contiguous(), "mask": mask[:, :width].contiguous()}
     return out
@@ -113,8 +112,8 @@ def compute_features(model, model_cfg, samples: list[Sample], device="cpu", batc
     towers = {n: model.tower(n) for n in model.names}
     places = {n: next(t.parameters()).device for n, t in towers.items()}
     out = {"label": torch.tensor([s.label for s in samples], dtype=torch.long)}
-    for i, m in enumerate(model_cfg.modalities):
-        size = tower_config(m, i).image_size if m.kind == "image" else 0
+    for m in model_cfg.modalities:
+        size = m.tower.image_size if m.kind == "image" else 0
         rows, index = _unique(samples, m.kind)
         tower = towers[m.name]
         was_training = tower.training
@@ -139,35 +138,23 @@ def expand(stored: dict, names: list[str]) -> tuple[dict, torch.Tensor]:
     return arrays, stored["label"]
 
 
-def _broadcast(value):
-    rank, world = rank_and_world()
-    if world == 1:
-        return value
-    box = [value if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cached_features(model, model_cfg, samples: list[Sample], split: str, folder: str, device="cpu",
                     batch_size: int = 256, log=None) -> tuple[dict, torch.Tensor, dict]:
     """(per-sample arrays, labels, info) for `samples`, read from `folder` when a cache file with
     the same fingerprint is there, else computed (every rank takes part) and written by rank 0.
     info = {"split", "file", "hit", "seconds", "rows"}; log(info) is called on rank 0."""
     from safetensors.torch import load_file, save_file
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     tic = time.perf_counter()
     path = os.path.join(folder, f"{split}-{fingerprint(model, model_cfg, samples)}.safetensors")
-    hit = _broadcast(os.path.isfile(path))  # rank 0 decides: every rank takes the same branch
+    hit = broadcast_object(os.path.isfile(path))  # rank 0 decides: every rank takes the same branch
     if not hit:
         stored = compute_features(model, model_cfg, samples, device, batch_size)
         if rank == 0:
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            save_file(stored, tmp, metadata={"split": split, "rows": str(len(samples)),
-                                             "seconds": f"{time.perf_counter() - tic:.1f}"})
-            os.replace(tmp, path)
-        if world > 1:
-            dist.barrier()
+            with atomic_path(path) as tmp:
+                save_file(stored, tmp, metadata={"split": split, "rows": str(len(samples)),
+                                                 "seconds": f"{time.perf_counter() - tic:.1f}"})
+        barrier()
     if hit or rank != 0:
         stored = load_file(path)
     arrays, labels = expand(stored, [m.name for m in model_cfg.modalities])

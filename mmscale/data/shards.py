@@ -1,4 +1,4 @@
-"""URL + caption lists -> filtered WebDataset shards, with img2dataset doing the downloading.
+"""WebDataset shards: built from URL + caption lists with img2dataset, read back by index.
 
 CMLA's filters: captions that are empty, too short or too long are dropped before anything is
 downloaded; images under 200x200 (before resizing) and images that do not decode are dropped by
@@ -16,6 +16,11 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+
+from PIL import Image
+
+from ..files import atomic_path, atomic_write_json
+from .images import KeyedDataset
 
 META = "_meta"
 # img2dataset's resizer reports these; they are filters, not download failures
@@ -115,20 +120,12 @@ def summarize(out_dir: str, requested: int, caption_filtered: Counter) -> dict:
     }
 
 
-def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def write_index(out_dir: str, shardlist: list[dict]) -> str:
     """wids-style shard index; urls are relative to the shards folder."""
     path = os.path.join(out_dir, META, "shards.json")
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": os.path.basename(os.path.abspath(out_dir)),
              "shardlist": shardlist}
-    write_json(path, index)
+    atomic_write_json(path, index, indent=1)
     return path
 
 
@@ -145,9 +142,8 @@ def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     # a deterministic file, so a rerun hands img2dataset the same shards and it resumes
     url_list = os.path.join(out_dir, META, "urls.parquet")
-    os.makedirs(os.path.dirname(url_list), exist_ok=True)
-    keep.to_parquet(url_list + ".tmp", index=False)
-    os.replace(url_list + ".tmp", url_list)
+    with atomic_path(url_list) as tmp:
+        keep.to_parquet(tmp, index=False)
     if len(keep):
         download(url_list=url_list, output_folder=out_dir, output_format="webdataset", input_format="parquet",
                  url_col="url", caption_col="caption", image_size=opts.image_size, resize_mode=opts.resize_mode,
@@ -158,8 +154,8 @@ def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
     summary = summarize(out_dir, len(df), caption_filtered)
     write_index(out_dir, summary.pop("_shardlist"))
     if classes:
-        write_json(os.path.join(out_dir, META, "classes.json"), classes)
-    write_json(os.path.join(out_dir, META, "summary.json"), summary)
+        atomic_write_json(os.path.join(out_dir, META, "classes.json"), classes, indent=1)
+    atomic_write_json(os.path.join(out_dir, META, "summary.json"), summary, indent=1)
     return summary
 
 
@@ -171,3 +167,56 @@ def read_index(folder: str) -> list[dict]:
     with open(path) as f:
         index = json.load(f)
     return [{"url": os.path.join(folder, s["url"]), "nsamples": s["nsamples"]} for s in index["shardlist"]]
+
+
+def _in_place(url: str) -> str:
+    return url
+
+
+class ShardDataset(KeyedDataset):
+    """Random access into the tar shards of tools/build_shards.py through webdataset's wids
+    index, so the exact, resumable BatchStream works on shards as on folders."""
+
+    def __init__(self, folder: str, transform):
+        super().__init__(transform)
+        self.shardlist = read_index(folder)
+        self.size = sum(s["nsamples"] for s in self.shardlist)
+        self._ds = None  # opened lazily: each loader worker needs its own file handles
+
+    def __len__(self):
+        return self.size
+
+    def _dataset(self):
+        if self._ds is None:
+            import contextlib
+            import io
+            import wids
+            with contextlib.redirect_stderr(io.StringIO()):  # wids prints a banner per open
+                # read local shards in place: wids' default copies them into a cache keyed by
+                # path, which serves stale data once a folder is rebuilt
+                self._ds = wids.ShardListDataset(self.shardlist, transformations=[], localname=_in_place)
+        return self._ds
+
+    def name(self, i):
+        return f"sample {i} of {len(self.shardlist)} shards"
+
+    def load(self, i):
+        sample = self._dataset()[i]
+        image_key = next((k for k in (".jpg", ".jpeg", ".png", ".webp") if k in sample), None)
+        if image_key is None or ".txt" not in sample:
+            raise ValueError(f"{sample.get('__key__')} has no image or no .txt")
+        image = Image.open(sample[image_key])
+        image.load()
+        return image, sample[".txt"].read().decode("utf-8").strip(), self._label(sample)
+
+    def label(self, i) -> int:
+        return self._label(self._dataset()[i])  # reads the tar members, decodes no image
+
+    @staticmethod
+    def _label(sample: dict) -> int:
+        """The class of a classification shard: a .cls member, or "label" in img2dataset's .json."""
+        if ".cls" in sample:
+            return int(sample[".cls"].read().decode().strip())
+        if ".json" in sample:
+            return int(json.loads(sample[".json"].read()).get("label", -1))
+        return -1

@@ -1,0 +1,3 @@
+"""Command-line tools, installed as console scripts (pyproject.toml) and also runnable as
+`python tools/<name>.py`: mmscale-eval, mmscale-build-shards, mmscale-sweep, mmscale-bench-loader.
+Training is `mmscale-train` (mmscale/train.py)."""

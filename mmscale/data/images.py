@@ -1,0 +1,156 @@
+"""Image-caption samples and datasets: the transform, keyed augmentation (exact resume), class
+folders, scikit-learn's digits and COCO captions, and the held-out split for zero-shot."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..config import ConfigError, DataConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def image_transform(size: int, train: bool):
+    """open_clip-style: light random resized crop for training, resize + centre crop for eval."""
+    from torchvision import transforms as T
+    if train:
+        head = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    else:
+        head = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+    return T.Compose(head + [T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+@dataclass
+class Sample:
+    image: object  # a path or a PIL image
+    caption: str
+    label: int = -1
+
+
+class KeyedDataset(Dataset):
+    """Items are (image tensor, caption, label, skipped).
+
+    Indexed by (seed, epoch, i), the random augmentation is a function of that key alone, so it
+    is the same whichever worker or resumed run draws it. A sample that cannot be read is
+    replaced by the next readable one (deterministically, so resume stays exact) and counted
+    in `skipped`, which travels with the batch to the engine's log.
+    """
+
+    max_skip = 16
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def load(self, i: int) -> tuple:  # (PIL image, caption, label)
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        return str(i)
+
+    def __getitem__(self, key):
+        seed, epoch, i = key if isinstance(key, tuple) else (0, 0, key)
+        for skipped in range(self.max_skip):
+            j = (i + skipped) % len(self)
+            try:
+                image, caption, label = self.load(j)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
+                    return self.transform(image), caption, label, skipped
+            except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
+                warnings.warn(f"skipping unreadable sample {self.name(j)}: {e}")
+        raise RuntimeError(f"{self.max_skip} unreadable samples in a row from {self.name(i)}")
+
+
+class CaptionDataset(KeyedDataset):
+    def __init__(self, samples: list[Sample], transform):
+        super().__init__(transform)
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def name(self, i):
+        return str(self.samples[i].image) if not isinstance(self.samples[i].image, Image.Image) else f"#{i}"
+
+    def label(self, i) -> int:
+        return self.samples[i].label
+
+    def load(self, i):
+        s = self.samples[i]
+        image = s.image if isinstance(s.image, Image.Image) else Image.open(s.image)
+        image.load()
+        return image, s.caption, s.label
+
+
+def scan_class_folders(root: str, max_per_class: int = 0) -> tuple[list[str], list[int], list[str]]:
+    """(image files, class index of each, class folder names) of root/<class>/*, classes in
+    sorted folder order, files sorted within each class, at most max_per_class each (0 = all)."""
+    folders = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        names = sorted(f for f in os.listdir(os.path.join(root, folder)) if f.lower().endswith(IMAGE_EXTS))
+        names = names[:max_per_class] if max_per_class else names
+        files += [os.path.join(root, folder, f) for f in names]
+        labels += [label] * len(names)
+    return files, labels, folders
+
+
+@dataclass
+class Splits:
+    train: list[Sample]
+    eval: list[Sample]
+    classnames: list[str]
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) sorted indices; each class holds out round(fraction * its count)."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(idx) * fraction))
+        held.extend(idx[:k])
+        train.extend(idx[k:])
+    return np.sort(train), np.sort(held)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Training pairs and a held-out labelled split for zero-shot (digits, imagefolder), or
+    COCO's caption pairs (no held-out split)."""
+    if cfg.type == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        images = [Image.fromarray((img * (255.0 / 16.0)).astype(np.uint8)) for img in d.images]
+        labels, names = d.target, DIGIT_NAMES
+    elif cfg.type == "imagefolder":
+        images, labels, names = scan_class_folders(cfg.root, cfg.max_per_class)
+        if not names:
+            raise ConfigError(f"data.root: no class folders in {cfg.root}")
+        labels = np.asarray(labels)
+    elif cfg.type == "coco":
+        with open(cfg.captions) as f:
+            coco = json.load(f)
+        files = {im["id"]: os.path.join(cfg.root, im["file_name"]) for im in coco["images"]}
+        samples = [Sample(files[a["image_id"]], a["caption"].strip()) for a in coco["annotations"]]
+        return Splits(samples, [], [])
+    else:
+        raise ConfigError(f"data.type: {cfg.type!r} is not supported")
+    train_idx, eval_idx = stratified_split(labels, cfg.eval_fraction, cfg.seed)
+
+    def make(idx):
+        return [Sample(images[i], cfg.caption_template.format(names[labels[i]]), int(labels[i])) for i in idx]
+    return Splits(make(train_idx), make(eval_idx), list(names))

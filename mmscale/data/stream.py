@@ -1,0 +1,134 @@
+"""Batches for training: collation, and the two rank-sharded streams the engine iterates.
+
+BatchStream is a pure function of (seed, epoch, step): each epoch is one seeded permutation cut
+into global batches, rank r takes its slice of each. Its state is (epoch, step), so a resumed run
+sees exactly the batches the uninterrupted run would have seen. ShardStream streams WebDataset
+shards for data too large to index; its resume restores the position, not the samples.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ConfigError
+
+
+class Collate:
+    """(image, caption, label, skipped) items -> {"label", "skipped", image_key: images, and the
+    tokenized captions as <text_prefix>input_ids / <text_prefix>attention_mask}. image_key None
+    leaves the images out, text_prefix None the captions (tokenize is then not needed)."""
+
+    def __init__(self, tokenize=None, image_key: str | None = "image", text_prefix: str | None = ""):
+        self.tokenize, self.image_key, self.text_prefix = tokenize, image_key, text_prefix
+
+    def __call__(self, items) -> dict:
+        images, captions, labels, skipped = zip(*items)
+        batch = {"label": torch.tensor(labels), "skipped": torch.tensor(sum(skipped))}
+        if self.image_key is not None:
+            batch[self.image_key] = torch.stack(images)
+        if self.text_prefix is not None:
+            batch.update({self.text_prefix + k: v for k, v in self.tokenize(list(captions)).items()})
+        return batch
+
+
+def collate_images_labels(items):
+    return torch.stack([x[0] for x in items]), torch.tensor([x[2] for x in items])
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the trainer: torchrun and Slurm signal the whole
+    process group, and a worker killed by them takes the trainer down before it can checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _Position:
+    """(epoch, step) of the next batch: what a checkpoint saves of a stream."""
+
+    epoch = step = 0
+    steps_per_epoch: int
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def _advance(self) -> None:
+        # before the batch is yielded: a checkpoint taken after it resumes at the next one
+        self.step += 1
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+
+
+class BatchStream(_Position):
+    """Endless, rank-sharded, resumable stream of local batches over epochs."""
+
+    def __init__(self, dataset: Dataset, collate, global_batch: int, rank: int, world: int,
+                 seed: int = 0, num_workers: int = 0):
+        self.dataset, self.collate = dataset, collate
+        self.global_batch, self.local_batch = global_batch, global_batch // world
+        self.rank, self.seed, self.num_workers = rank, seed, num_workers
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.global_batch_size: {global_batch} is larger than the dataset ({len(dataset)} samples)")
+
+    def local_indices(self, epoch: int, step: int) -> list[tuple]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g)
+        start = step * self.global_batch + self.rank * self.local_batch
+        return [(self.seed, epoch, i) for i in perm[start:start + self.local_batch].tolist()]
+
+    def __iter__(self):
+        while True:
+            epoch, first = self.epoch, self.step
+            batches = [self.local_indices(epoch, s) for s in range(first, self.steps_per_epoch)]
+            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
+                                num_workers=self.num_workers, persistent_workers=False,
+                                worker_init_fn=ignore_stop_signals)
+            for batch in loader:
+                self._advance()
+                yield batch
+
+
+class ShardStream(_Position):
+    """Streams WebDataset shards (tools/build_shards.py output) for training.
+
+    Shards are resampled: every rank and loader worker draws shards with its own seed, the
+    usual setup for multi-node streaming (no constraint between shard and rank counts).
+    Steps per epoch come from data.num_samples so the LR schedule is right. Resume restores
+    the step and epoch; the samples after a resume are a fresh draw, not a replay.
+    Undecodable samples are skipped with a warning rather than stopping the run.
+    """
+
+    def __init__(self, urls: str, num_samples: int, transform, collate, global_batch: int, rank: int,
+                 world: int, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 5000):
+        self.urls, self.transform, self.collate = urls, transform, collate
+        self.local_batch, self.rank, self.seed = global_batch // world, rank, seed
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.steps_per_epoch = num_samples // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.num_samples: {num_samples} is smaller than one global batch ({global_batch})")
+
+    def _pipeline(self):
+        import webdataset as wds
+        skip = wds.warn_and_continue
+        return wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=self.seed * 100_003 + self.rank * 1_009 + self.epoch, deterministic=True),
+            wds.tarfile_to_samples(handler=skip),
+            wds.shuffle(self.shuffle_buffer),
+            wds.decode("pil", handler=skip),
+            wds.to_tuple("jpg;jpeg;png;webp", "txt", handler=skip),
+            wds.map(lambda s: (self.transform(s[0]), s[1].strip(), -1, 0), handler=skip),
+            wds.batched(self.local_batch, collation_fn=self.collate, partial=False),
+        )
+
+    def __iter__(self):
+        import webdataset as wds
+        loader = wds.WebLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers,
+                               worker_init_fn=ignore_stop_signals)
+        for batch in loader:
+            self._advance()
+            yield batch

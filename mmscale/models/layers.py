@@ -1,0 +1,64 @@
+"""Small building blocks shared by the models: MLPs, the learnable temperature, mixing and
+masked pooling. Nothing here knows about ranks, recipes or data."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+
+def mlp(width_in: int, hidden: list[int], width_out: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> ReLU (-> Dropout) per hidden layer, then a last Linear without activation.
+    CMLA's projection heads (eq. 3-4: z = W2 ReLU(W1 h)) are mlp(width, [hidden], out)."""
+    layers, width = [], width_in
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, width_out))
+    return nn.Sequential(*layers)
+
+
+class LogitScale(nn.Module):
+    """The contrastive logit multiplier 1/tau, stored as log(1/tau) (a parameter when learnt, a
+    buffer when fixed). The stored value is 1-d, [1], not a scalar: DeepSpeed cannot broadcast
+    0-dim parameters. CLIP's clamp keeps a learnt temperature from collapsing: 1/tau <= 100."""
+
+    MAX = math.log(100.0)
+
+    def __init__(self, temperature: float, learnable: bool):
+        super().__init__()
+        init = torch.full((1,), math.log(1.0 / temperature))
+        if learnable:
+            self.log_value = nn.Parameter(init)
+        else:
+            self.register_buffer("log_value", init)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_value.clamp(max=self.MAX).exp()
+
+
+def mix(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lambda_i x_i + (1 - lambda_i) x_perm(i), lambda broadcast over the trailing dims."""
+    lam = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return lam * x + (1 - lam) * x[perm]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1 of [B, T, D] where mask [B, T] is true."""
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block, its previous mode restored afterwards (errors too)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

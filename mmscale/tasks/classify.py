@@ -1,0 +1,130 @@
+"""Task classify: supervised multimodal classification (UniS-MMC, M3CoL and the baselines)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..config import ConfigError, image_size
+from ..data.labelled import LabelledSplits, collate_arrays, load_imagetext, load_multiview
+from ..data.stream import BatchStream, Collate
+from ..dist import gather_outputs, global_index
+from ..eval import classification_metrics, predict
+from ..losses import m3co_loss, mixup_cross_entropy, multisoftclip_loss, unis_mmc_loss
+from ..models import FusionClassifier, build_model
+from ..models.layers import eval_mode
+from .base import Progress, Task
+
+
+class ClassifyTask(Task):
+    """The fused prediction's cross-entropy, the unimodal heads' cross-entropies and a
+    contrastive term between the modality embeddings:
+
+        L = CE(fused) + unimodal_weight * sum_m CE(m) + contrastive_weight * L_contrastive
+
+    loss.contrastive picks the method: unis_mmc (UniS-MMC), m3co or multisoftclip, or m3col
+    (M3Co for the first m3co_fraction of the steps, then MultiSoftClip); none with unimodal heads
+    is UniConcat; loss.mixup trains the fused head on mixed inputs with mixed labels (the mixup
+    baseline); one modality with unimodal_weight 0 is the unimodal baseline.
+    """
+
+    def __init__(self, cfg, logger=None):
+        super().__init__(cfg, logger)
+        self.data = None
+
+    def _data(self) -> LabelledSplits:
+        if self.data is None:
+            d = self.cfg.data
+            if d.type == "multiview":
+                self.data = load_multiview(d, self.cfg.model.modalities, d.seed)
+            else:
+                # a text-only model still decodes the images it does not read: any size will do
+                self.data = load_imagetext(d, image_size(self.cfg.model) or 224, d.seed)
+        return self.data
+
+    def build_model(self) -> FusionClassifier:
+        data, m = self._data(), self.cfg.model
+        for i, mod in enumerate(m.modalities):  # the data fixes what the recipe left open
+            if mod.kind == "tabular":
+                if mod.input_dim and mod.input_dim != data.input_dims[mod.name]:
+                    raise ConfigError(f"model.modalities.{i}.input_dim: {mod.input_dim}, but the data has "
+                                      f"{data.input_dims[mod.name]} features")
+                mod.input_dim = data.input_dims[mod.name]
+        if m.num_classes and m.num_classes != len(data.classnames):
+            raise ConfigError(f"model.num_classes: {m.num_classes}, but the data has {len(data.classnames)} classes")
+        m.num_classes = len(data.classnames)
+        return build_model(self.cfg)
+
+    def contrastive_phase(self, progress: Progress) -> str:
+        c = self.cfg.loss
+        if c.contrastive != "m3col":
+            return c.contrastive
+        return "m3co" if progress.step < c.m3co_fraction * progress.total_steps else "multisoftclip"
+
+    def mix_mode(self, progress: Progress) -> str:
+        """What the model mixes in this step: M3Co mixes each modality on its own, the mixup
+        baseline all of them with one permutation."""
+        if self.cfg.loss.mixup:
+            return "shared"
+        return "per_modality" if self.contrastive_phase(progress) == "m3co" else "none"
+
+    def collate(self, model):
+        if self.cfg.data.type == "multiview":
+            return collate_arrays
+        kinds = {m.kind: m.name for m in self.cfg.model.modalities}
+        text = kinds.get("text")
+        return Collate(model.tower(text).tokenize_fn() if text else None, image_key=kinds.get("image"),
+                       text_prefix=f"{text}/" if text else None)
+
+    def train_stream(self, model, rank: int, world: int):
+        d = self.cfg.data
+        return BatchStream(self._data().train, self.collate(model), self.cfg.train.global_batch_size, rank, world,
+                           seed=d.seed, num_workers=d.num_workers)
+
+    def forward(self, model, batch: dict, progress: Progress) -> dict:
+        return model(batch, mix=self.mix_mode(progress))
+
+    def loss(self, out: dict, batch: dict, progress: Progress):
+        c, names = self.cfg.loss, [m.name for m in self.cfg.model.modalities]
+        out = gather_outputs(out)
+        labels = gather_outputs({"label": batch["label"]})["label"]
+        if c.mixup:
+            fused = mixup_cross_entropy(out["mix_logits"], labels, global_index(out["mix_perm"]), out["mix_lambda"])
+        else:
+            fused = F.cross_entropy(out["logits"].float(), labels)
+        total, metrics = fused, {"loss_fused": fused.detach()}
+        if c.unimodal_weight > 0:
+            uni = sum(F.cross_entropy(out[f"logits/{n}"].float(), labels) for n in names)
+            total = total + c.unimodal_weight * uni
+            metrics["loss_unimodal"] = uni.detach()
+        phase = self.contrastive_phase(progress)
+        if phase != "none":
+            emb = [out[f"emb/{n}"] for n in names]
+            if phase == "unis_mmc":
+                term = unis_mmc_loss(emb, [out[f"logits/{n}"] for n in names], labels, c.tau)
+            elif phase == "m3co":
+                term = m3co_loss([out[f"mix_emb/{n}"] for n in names], emb,
+                                 [global_index(out[f"mix_perm/{n}"]) for n in names],
+                                 [out[f"mix_lambda/{n}"] for n in names], c.tau)
+            else:
+                term = multisoftclip_loss(emb, c.tau)
+            total = total + c.contrastive_weight * term
+            metrics[f"loss_{phase}"] = term.detach()
+        return total, metrics
+
+    def evaluate(self, model, device, dtype) -> dict:
+        """ACC, F1, AUC, weighted and macro F1 and the loss of the fused prediction, and each
+        unimodal head's accuracy, on the validation and test splits (val/..., test/...)."""
+        data, names = self._data(), [m.name for m in self.cfg.model.modalities]
+        metrics = {}
+        with eval_mode(model):
+            for split, ds in (("val", data.val), ("test", data.test)):
+                if ds is None or len(ds) == 0:
+                    continue
+                out = predict(model, ds, self.collate(model), device, dtype, self.cfg.eval.batch_size)
+                labels = out.pop("label")
+                metrics[f"{split}/loss"] = F.cross_entropy(out["logits"], labels).item()
+                metrics.update({f"{split}/{k}": v for k, v in
+                                classification_metrics(labels.numpy(), out["logits"].softmax(-1).numpy()).items()})
+                for n in names:
+                    if f"logits/{n}" in out:
+                        metrics[f"{split}/acc_{n}"] = (out[f"logits/{n}"].argmax(-1) == labels).float().mean().item()
+        return metrics

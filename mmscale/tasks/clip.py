@@ -1,0 +1,51 @@
+"""Task clip: CMLA contrastive pretraining of a dual encoder."""
+from __future__ import annotations
+
+from ..data.images import CaptionDataset, Splits, image_transform, load_splits
+from ..data.shards import ShardDataset
+from ..data.stream import BatchStream, Collate, ShardStream
+from ..losses import contrastive_loss
+from ..models import DualEncoder
+from .base import Progress, Task, image_text_evaluation
+
+
+class ClipTask(Task):
+    """Symmetric InfoNCE (CMLA eq. 5-8) over the batch gathered from all ranks."""
+
+    shared_outputs = ("logit_scale",)
+
+    def __init__(self, cfg, logger=None):
+        super().__init__(cfg, logger)
+        self.splits = None
+
+    def build_model(self) -> DualEncoder:
+        return DualEncoder(self.cfg.model)
+
+    def _splits(self) -> Splits:
+        if self.cfg.data.type in ("shards", "webdataset"):
+            return Splits([], [], [])  # streamed data has no held-out split; eval sets come from eval.*
+        if self.splits is None:
+            self.splits = load_splits(self.cfg.data)
+        return self.splits
+
+    def train_stream(self, model: DualEncoder, rank: int, world: int):
+        size, d = self.cfg.model.image.image_size, self.cfg.data
+        collate = Collate(model.text_tower.tokenize_fn())
+        if d.type == "webdataset":
+            return ShardStream(d.shards, d.num_samples, image_transform(size, train=True), collate,
+                               self.cfg.train.global_batch_size, rank, world, seed=d.seed,
+                               num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
+        if d.type == "shards":
+            ds = ShardDataset(d.shards, image_transform(size, train=True))
+        else:
+            ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
+        return BatchStream(ds, collate, self.cfg.train.global_batch_size, rank, world, seed=d.seed,
+                           num_workers=d.num_workers)
+
+    def loss(self, out: dict, batch: dict, progress: Progress):
+        loss = contrastive_loss(out["image"], out["text"], out["logit_scale"], self.cfg.loss.variant)
+        return loss, {"temperature": 1.0 / out["logit_scale"].detach().float()}
+
+    def evaluate(self, model: DualEncoder, device, dtype) -> dict:
+        splits = self._splits()
+        return image_text_evaluation(self.cfg, model, splits.eval, splits.classnames, device, dtype)

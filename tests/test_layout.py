@@ -1,0 +1,163 @@
+"""The package's shape: imports flow one way (lazy imports inside functions included), the tools
+are console scripts that explain themselves, and towers never hold 0-dim parameters."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import PY, ROOT
+
+PKG = os.path.join(ROOT, "mmscale")
+
+# Lower layers never import higher ones; modules of one layer may import each other (acyclically).
+LAYERS = [
+    {"files", "config"},
+    {"dist"},
+    {"data"},
+    {"models"},
+    {"losses", "gradcache"},
+    {"eval"},
+    {"export"},
+    {"tasks"},
+    {"engine"},
+    {"train", "cli"},
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def _modules() -> dict[str, str]:
+    """mmscale.<dotted> -> file, packages as their __init__."""
+    out = {}
+    for folder, _, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+                out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(folder, f)
+    return out
+
+
+def _imports(module: str, path: str, known: set) -> set:
+    """Every mmscale module `path` imports, at the top or inside a function."""
+    is_pkg = path.endswith("__init__.py")
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            prefix = ".".join(base[:len(base) - node.level + 1]) if node.level else ""
+            target = ".".join(p for p in (prefix, node.module or "") if p)
+            # `from pkg import sub` needs the module pkg.sub; `from pkg import name`, pkg itself
+            names = [f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names]
+        for name in names:
+            while name and name not in known:  # mmscale.data.images.Sample -> mmscale.data.images
+                name = name.rpartition(".")[0]
+            if name.startswith("mmscale.") and name != module:
+                found.add(name)
+    return found
+
+
+def test_imports_flow_one_way_and_have_no_cycle():
+    modules = _modules()
+    graph = {m: _imports(m, p, set(modules)) for m, p in modules.items() if m != "mmscale"}
+    upward = [(m, d) for m, deps in graph.items() for d in deps if d != "mmscale" and _layer(d) > _layer(m)]
+    assert not upward, f"imports against the layer order (docs/DESIGN.md): {upward}"
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph.get(m, ()):
+            if state.get(d) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(path + [m, d])}")
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = "done"
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+    assert len(graph) > 25  # the walk saw the package, not an empty folder
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
+    """The walk above must catch a lazy upward import; shown on a throwaway module."""
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from ..engine.trainer import Trainer\n    from . import layers\n")
+    found = _imports("mmscale.models.m", str(path), {"mmscale.engine.trainer", "mmscale.models.layers",
+                                                      "mmscale.models"})
+    assert found == {"mmscale.engine.trainer", "mmscale.models.layers"}
+
+
+SCRIPTS = ["mmscale-train", "mmscale-eval", "mmscale-build-shards", "mmscale-sweep", "mmscale-bench-loader"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_console_scripts_explain_themselves(script):
+    exe = os.path.join(os.path.dirname(PY), script)
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"usage: {script}") and len(r.stdout.splitlines()) > 8
+    tool = os.path.join(ROOT, "tools", script[len("mmscale-"):].replace("-", "_") + ".py")
+    if os.path.exists(tool):  # the same program as python tools/x.py, with no sys.path edits
+        assert "sys.path" not in open(tool).read()
+        again = subprocess.run([PY, tool, "--help"], capture_output=True, text=True, timeout=120, cwd="/")
+        assert again.returncode == 0 and again.stdout == r.stdout
+
+
+def test_build_shards_help_gives_every_default():
+    r = subprocess.run([os.path.join(os.path.dirname(PY), "mmscale-build-shards"), "--help"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    import dataclasses
+    from mmscale.data.shards import BuildOptions
+    text = " ".join(r.stdout.split())
+    for f in dataclasses.fields(BuildOptions):
+        flag = "--" + f.name.replace("_", "-")
+        after = text.split(f"{flag} {f.name.upper()} ", 1)[1]
+        assert after.split(" --", 1)[0].endswith(f"(default: {f.default!r})"), (flag, after[:120])
+
+
+# ---------------------------------------------------------------- 0-dim parameters
+
+OPEN_CLIP_TINY = {"model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
+                                                                  "head_width": 32, "patch_size": 8},
+                                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                                             "layers": 1}}}
+
+
+def test_towers_have_no_0dim_parameters():
+    """open_clip's text half keeps CLIP's 0-dim logit_scale, which it never reads: dropped. A
+    0-dim parameter a tower does use is stored [1] and still reaches the tower as a scalar."""
+    from mmscale.config import TextTowerConfig
+    from mmscale.models.towers import Tower, _no_scalar_parameters, build_tower
+    tower = build_tower(TextTowerConfig(source="open_clip", name="tiny", config_overrides=OPEN_CLIP_TINY))
+    assert all(p.dim() > 0 for p in tower.parameters())
+    assert not any("logit_scale" in k for k in tower.state_dict())
+    tok = tower.tokenize_fn()(["a photo of a cat"])
+    assert tower(tok["input_ids"]).shape == (1, 32)
+
+    class Gated(Tower):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Parameter(torch.tensor(0.5))
+            self.width = 3
+
+        def forward(self, x):
+            assert self.gate.dim() == 0
+            return x * self.gate.exp()
+
+    gated = Gated()
+    x = torch.ones(2, 3)
+    before = gated(x)
+    _no_scalar_parameters(gated)
+    assert [p.shape for p in gated.parameters()] == [(1,)]
+    out = gated(x)
+    assert torch.equal(out, before)
+    out.sum().backward()
+    assert next(gated.parameters()).grad.shape == (1,)
