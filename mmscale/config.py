@@ -88,11 +88,22 @@ class DFEConfig:
     """CBMF's Deep Fusion Encoder, shared by all modalities."""
     width: int = 256  # g_m projections and context embeddings
     projection_hidden: int = 512
-    fusion: Literal["add", "multiply", "concat", "attention_additive", "attention_dot"] = "add"
+    # none: no DFE at all, the embedding is the masked mean of g_m over the tokens (heads only)
+    fusion: Literal["add", "multiply", "concat", "attention_additive", "attention_dot", "none"] = "add"
     num_heads: int = 4
-    # pooled: one vector per sample from each tower; tokens: the token sequence (attention fusion
-    # then pools it with the context as query)
+    # pooled: one vector per sample from each tower; tokens: the token sequence
     features: Literal["pooled", "tokens"] = "pooled"
+    # attention fusions: sequence adds the context-query attention-pooled vector to every token and
+    # keeps the sequence (the authors' code); pooled passes only the pooled vector on (one token)
+    attention_output: Literal["sequence", "pooled"] = "sequence"
+    # g_m: relu is Linear -> ReLU -> Linear; gelu_ln is Linear -> GELU -> Linear -> Dropout -> LayerNorm
+    projection: Literal["relu", "gelu_ln"] = "relu"
+    # the modality context: embedding is a learned vector (std 0.02); mlp is a learned
+    # context_input_dim-d vector through Linear/ReLU layers (64, 128) -> width and a LayerNorm
+    context: Literal["embedding", "mlp"] = "embedding"
+    context_input_dim: int = 3
+    ff_dim: int = 0  # the transformer block's feed-forward width; 0: 4 x width
+    dropout: float = 0.0  # in the transformer block and (gelu_ln) after g_m
 
 
 # model: and loss: hold what the recipe's task uses, nothing else (a tagged union on `task`)
@@ -115,6 +126,9 @@ class ClassifyModelConfig:
     embed_dim: int = 0  # per-modality embedding width; 0: a tower's own width
     num_classes: int = 0  # 0: from the data (the saved config.yaml holds the number)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # init of the Linear layers outside the towers: default (PyTorch's) or xavier (Xavier-normal
+    # weights, zero bias, as in the M3CoL and UniS-MMC authors' code)
+    init: Literal["default", "xavier"] = "default"
 
 
 @dataclass
@@ -142,11 +156,27 @@ class ClassifyLossConfig:
     m3co_fraction: float = 0.3333
     mixup_alpha: float = 0.15  # lambda ~ Beta(alpha, alpha) for m3co and for input mixup
     mixup: bool = False  # input mixup with mixed-label CE on the fused head (the mixup baseline)
+    # M3Co: what is mixed (eq. 2: the inputs; the authors' code: the encoders' outputs), whether
+    # all modalities share one lambda_i and partner k (eq. 2) or draw their own (the authors' code),
+    # and the share of rows mixed (the others keep lambda = 1; the authors' code: 0.5)
+    m3co_mix: Literal["inputs", "embeddings"] = "inputs"
+    m3co_draws: Literal["shared", "per_modality"] = "shared"
+    m3co_mix_prob: float = 1.0
+    # M3Co and MultiSoftClip over all ordered modality pairs, or cyclic m -> m+1 (the authors' code)
+    contrastive_pairs: Literal["all", "cyclic"] = "all"
+    # MultiSoftClip's reverse term: against the transposed targets, or T's rows (the authors' code)
+    multisoftclip_reverse: Literal["transposed", "rows"] = "transposed"
+    multisoftclip_tau: float = 0.0  # 0: loss.tau (the authors' code: 0.125)
+    # UniS-MMC: per-sample pair similarities (the paper), or row 0 of the similarity matrix (the code)
+    unis_mmc_logits: Literal["pairs", "first_row"] = "pairs"
 
 
 @dataclass
 class CBMFLossConfig:
-    """CBMF's soft-target contrastive loss (eq. 3-6) has no options yet."""
+    """CBMF's soft-target contrastive loss (eq. 3-6)."""
+    # soft: eq. 5 as written (gradients through the targets); soft_detached: no gradient through
+    # them; hard: InfoNCE with T = I (the authors' code)
+    cbmf_targets: Literal["soft", "soft_detached", "hard"] = "soft"
 
 
 MODEL_CONFIGS = {"clip": ClipModelConfig, "classify": ClassifyModelConfig, "cbmf": CBMFModelConfig}
@@ -227,9 +257,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps; 0 = only at the end
     run_dir: str = "runs/default"
-    resume: bool = True
+    resume: bool = True  # continue from <run_dir>/checkpoints/latest when there is one (any number of ranks)
     export: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # a step whose loss or gradients are not finite is skipped (no update) and counted; this many
+    # in a row stop the run with an error, checkpoints/latest left at the last good checkpoint
+    max_nonfinite_steps: int = 20
+    # a rank that stops answering (dead, hung, SIGSTOPped) makes the others exit after this many
+    # seconds, naming it; also the timeout of every collective
+    dist_timeout_s: int = 600
 
 
 @dataclass
@@ -447,6 +483,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.zero_stage: {t.zero_stage} is not one of 0, 1, 2, 3")
     if t.grad_cache_chunk < 0:
         raise ConfigError("train.grad_cache_chunk: must be >= 0")
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError("train.max_nonfinite_steps: must be >= 1")
+    if t.dist_timeout_s < 10:
+        raise ConfigError("train.dist_timeout_s: must be >= 10 (seconds)")
     if t.steps <= 0 and t.epochs <= 0:
         raise ConfigError("train.steps: set train.steps or train.epochs to a positive number")
     if d.type == "webdataset":
@@ -506,8 +546,13 @@ def validate_modalities(cfg: Config) -> None:
             if cfg.train.grad_cache_chunk:
                 raise ConfigError("train.grad_cache_chunk: mixup pairs samples across the whole batch; "
                                   "use 0 with m3co/m3col/mixup")
-            if any(m.kind == "text" and m.tower.source != "hf" for m in mods):
+            if any(m.kind == "text" and m.tower.source != "hf" for m in mods) and (
+                    c.mixup or c.m3co_mix == "inputs"):
                 raise ConfigError("loss.contrastive: text mixup mixes token embeddings and needs an hf text tower")
+        if not 0 < c.m3co_mix_prob <= 1:
+            raise ConfigError("loss.m3co_mix_prob: must be in (0, 1]")
+        if c.multisoftclip_tau < 0:
+            raise ConfigError("loss.multisoftclip_tau: must be >= 0 (0: loss.tau)")
 
 
 def validate_files(cfg: Config) -> None:

@@ -11,8 +11,8 @@ from open_clip.loss import ClipLoss
 
 from distributed import run_ranks
 from mmscale.dist import gather_outputs, global_index
-from mmscale.losses import (m3co_loss, mixup_cross_entropy, multisoftclip_loss, soft_target_contrastive_loss,
-                            unis_mmc_loss)
+from mmscale.losses import (m3co_loss, mixup_cross_entropy, multisoftclip_loss, pair_categories,
+                            soft_target_contrastive_loss, unis_mmc_loss)
 
 N, D, C = 6, 5, 3
 
@@ -87,46 +87,83 @@ def unis_mmc_eq(embeddings, logits, labels, tau=0.07):
     return total
 
 
-def m3col_eq_6_8(mixed, clean, perms, lambdas, tau=0.1):
-    """l(m->n) = -1/N sum_i [lam_i log sigma_i(i) + (1 - lam_i) log sigma_i(k_i)], k_i = perm_m(i),
-    sigma_i(j) = exp(p~_i.q_j/tau) / sum_l exp(p~_i.q_l/tau); L = sum over ordered m != n."""
-    m_count, n = len(mixed), len(mixed[0])
+def unis_mmc_code_first_row(embeddings, logits, labels, tau=0.07):
+    """The expression of the authors' UniSMMConLoss (Vincent-ZHQ/UniS-MMC, model/model.py), per pair
+    m < n: the logits are row 0 of the cross-sample matrix, s_j = cos(r_0^m, r_j^n)/tau, with the
+    same detaching of the right side of a semi-positive pair; value -log( (sum_{j kept} e^s_j /
+    sum_j e^s_j) / #kept ); no kept sample: every sample kept and detached, i.e. log N."""
+    m_count, n = len(embeddings), len(labels)
+    correct = [[int(torch.argmax(logits[m][i])) == int(labels[i]) for i in range(n)] for m in range(m_count)]
     total = 0.0
     for m in range(m_count):
-        for o in range(m_count):
-            if o == m:
+        for o in range(m + 1, m_count):
+            keep = [correct[m][i] or correct[o][i] for i in range(n)]
+            if not any(keep):
+                total = total + math.log(n)
                 continue
-            q = [unit(clean[o][j]) for j in range(n)]
-            acc = 0.0
-            for i in range(n):
-                p = unit(mixed[m][i])
-                e = [torch.exp(dot(p, q[j]) / tau) for j in range(n)]
-
-                def sigma(j):
-                    return e[j] / sum(e)
-                k, lam = int(perms[m][i]), lambdas[m][i]
-                acc = acc + lam * torch.log(sigma(i)) + (1 - lam) * torch.log(sigma(k))
-            total = total - acc / n
+            ra = embeddings[m][0].detach() if correct[m][0] and not correct[o][0] else embeddings[m][0]
+            rb = [embeddings[o][j].detach() if correct[o][j] and not correct[m][j] else embeddings[o][j]
+                  for j in range(n)]
+            e = [torch.exp(dot(unit(ra), unit(rb[j])) / tau) for j in range(n)]
+            total = total - torch.log(sum(e[j] for j in range(n) if keep[j]) / sum(e) / sum(keep))
     return total
 
 
-def multisoftclip_eq_9_11(embeddings, tau=0.1):
-    """l(m->n) = -1/N sum_i sum_j softmax_j(q_i.q_j/tau) log softmax_j(p_i.q_j/tau), p = norm emb_m,
-    q = norm emb_n; L = sum over ordered m != n."""
-    m_count, n = len(embeddings), len(embeddings[0])
+def pair_list(m_count, pairs):
+    """Ordered modality pairs: all m != n, or the authors' cyclic m -> m + 1 (mod M)."""
+    if pairs == "all":
+        return [(m, o) for m in range(m_count) for o in range(m_count) if o != m]
+    return [(m, (m + 1) % m_count) for m in range(m_count)]
+
+
+def m3col_eq_6_8_12(mixed, clean, perms, lambdas, tau=0.1, pairs="all", reverse=True):
+    """For an ordered pair (m, n), p~_i = unit(mixed_m[i]), q_j = unit(clean_n[j]), k_i = perm_m(i):
+    mixed anchor  -1/N sum_i [lam_i log sigma_i(i) + (1 - lam_i) log sigma_i(k_i)],
+                  sigma_i(j) = exp(p~_i.q_j/tau) / sum_l exp(p~_i.q_l/tau)
+    clean anchor  -1/N sum_i [lam_i log rho_i(i) + (1 - lam_i) log rho_{k_i}(i)],
+                  rho_j(i) = exp(p~_i.q_j/tau) / sum_l exp(p~_l.q_j/tau)   (q_j against all mixed p~)
+    l(m->n) = 1/2 [mixed anchor + clean anchor] (eq. 6-7 both directions, 1/2 per pair, eq. 12);
+    L = sum over the pairs. reverse=False keeps the mixed anchor alone (for the checks below)."""
+    n = len(mixed[0])
     total = 0.0
-    for m in range(m_count):
-        for o in range(m_count):
-            if o == m:
-                continue
-            p = [unit(embeddings[m][i]) for i in range(n)]
-            q = [unit(embeddings[o][i]) for i in range(n)]
-            acc = 0.0
-            for i in range(n):
-                tq = [torch.exp(dot(q[i], q[j]) / tau) for j in range(n)]
-                tp = [torch.exp(dot(p[i], q[j]) / tau) for j in range(n)]
-                acc = acc + sum(tq[j] / sum(tq) * torch.log(tp[j] / sum(tp)) for j in range(n))
-            total = total - acc / n
+    for m, o in pair_list(len(mixed), pairs):
+        q = [unit(clean[o][j]) for j in range(n)]
+        p = [unit(mixed[m][i]) for i in range(n)]
+        e = [[torch.exp(dot(p[i], q[j]) / tau) for j in range(n)] for i in range(n)]
+
+        def sigma(i, j):
+            return e[i][j] / sum(e[i])
+
+        def rho(j, i):
+            return e[i][j] / sum(e[l][j] for l in range(n))
+        fwd, back = 0.0, 0.0
+        for i in range(n):
+            k, lam = int(perms[m][i]), lambdas[m][i]
+            fwd = fwd + lam * torch.log(sigma(i, i)) + (1 - lam) * torch.log(sigma(i, k))
+            back = back + lam * torch.log(rho(i, i)) + (1 - lam) * torch.log(rho(k, i))
+        total = total + (0.5 * (-fwd / n - back / n) if reverse else -fwd / n)
+    return total
+
+
+def multisoftclip_eq_9_11(embeddings, tau=0.1, pairs="all", reverse="transposed"):
+    """For an ordered pair (m, n), p = unit(emb_m), q = unit(emb_n), t_ij = softmax_j(q_i.q_j/tau):
+    forward  -1/N sum_i sum_j t_ij log softmax_j(p_i.q_j/tau)
+    reverse  -1/N sum_j sum_i w_ji log softmax_i(p_i.q_j/tau), with w_ji = t_ij ("transposed":
+             anchor q_j's target on p_i is the forward target of pair (i, j)) or w_ji = t_ji ("rows",
+             the authors' code: row j of t);
+    l(m->n) = 1/2 [forward + reverse]; L = sum over the pairs."""
+    n = len(embeddings[0])
+    total = 0.0
+    for m, o in pair_list(len(embeddings), pairs):
+        p = [unit(embeddings[m][i]) for i in range(n)]
+        q = [unit(embeddings[o][i]) for i in range(n)]
+        eq = [[torch.exp(dot(q[i], q[j]) / tau) for j in range(n)] for i in range(n)]
+        t = [[eq[i][j] / sum(eq[i]) for j in range(n)] for i in range(n)]
+        ep = [[torch.exp(dot(p[i], q[j]) / tau) for j in range(n)] for i in range(n)]
+        fwd = sum(t[i][j] * torch.log(ep[i][j] / sum(ep[i])) for i in range(n) for j in range(n))
+        w = (lambda j, i: t[i][j]) if reverse == "transposed" else (lambda j, i: t[j][i])
+        back = sum(w(j, i) * torch.log(ep[i][j] / sum(ep[l][j] for l in range(n))) for j in range(n) for i in range(n))
+        total = total + 0.5 * (-fwd / n - back / n)
     return total
 
 
@@ -193,6 +230,38 @@ def test_soft_target_is_clip_loss_when_targets_are_one_hot():
     assert torch.allclose(soft_target_contrastive_loss(a, b, scale), ClipLoss()(a, b, scale[0]), atol=1e-5)
 
 
+def test_soft_target_options_detached_and_hard():
+    """loss.cbmf_targets: soft_detached has eq. 3-6's value with no gradient through T (checked
+    against the transcription with T computed from detached copies); hard is InfoNCE (T = I),
+    open_clip's ClipLoss, as the authors' code trains."""
+    a, b = rand(N, D, seed=1, normalize=True), rand(N, D, seed=2, normalize=True)
+    scale = torch.tensor([1 / 0.2])
+    soft = soft_target_contrastive_loss(a, b, scale)
+    det_in = [a.clone().requires_grad_(), b.clone().requires_grad_(), scale.clone().requires_grad_()]
+    det = soft_target_contrastive_loss(*det_in, targets="soft_detached")
+    det.backward()
+    assert det.item() == pytest.approx(soft.item(), rel=1e-6)
+    ref_in = leaves64([a, b, scale])
+    with torch.no_grad():
+        tgt = torch.softmax((ref_in[0] @ ref_in[0].T + ref_in[1] @ ref_in[1].T) * ref_in[2] / 2, dim=-1)
+    n = len(a)
+    s_ = [[dot(ref_in[0][i], ref_in[1][j]) * ref_in[2][0] for j in range(n)] for i in range(n)]
+    ref = 0.5 * (-sum(tgt[i, j] * torch.log(torch.exp(s_[i][j]) / sum(torch.exp(s_[i][k]) for k in range(n)))
+                      for i in range(n) for j in range(n)) / n
+                 - sum(tgt[i, j] * torch.log(torch.exp(s_[i][j]) / sum(torch.exp(s_[k][j]) for k in range(n)))
+                       for i in range(n) for j in range(n)) / n)
+    ref.backward()
+    for got, want in zip(grads(det_in), grads(ref_in)):
+        assert torch.allclose(got.double(), want, atol=1e-5)
+    soft_in = [a.clone().requires_grad_(), b.clone().requires_grad_(), scale.clone().requires_grad_()]
+    soft_target_contrastive_loss(*soft_in).backward()
+    assert not torch.allclose(soft_in[0].grad, det_in[0].grad, atol=1e-3)
+    hard = soft_target_contrastive_loss(a, b, scale, targets="hard")
+    assert torch.allclose(hard, ClipLoss()(a, b, scale[0]), atol=1e-6) and abs(hard.item() - soft.item()) > 1e-2
+    with pytest.raises(ValueError, match="cbmf_targets"):
+        soft_target_contrastive_loss(a, b, scale, targets="other")
+
+
 # ---------------------------------------------------------------- 2. UniS-MMC
 
 
@@ -249,6 +318,43 @@ def test_unis_mmc_matches_equation_value_and_gradients(m_count):
         assert nonzero(g[0][0]) and nonzero(g[1][0]) and nonzero(g[2][0])
 
 
+@pytest.mark.parametrize("m_count", [2, 3])
+def test_unis_mmc_first_row_matches_the_authors_expression(m_count):
+    """loss.unis_mmc_logits=first_row against a transcription of the authors' UniSMMConLoss; it is
+    a different function from the paper's per-sample pairs (which it does not reduce to)."""
+    embeddings, logits, labels = unis_inputs(m_count)
+    ours_in = [e.clone().requires_grad_() for e in embeddings]
+    ours = unis_mmc_loss(ours_in, logits, labels, tau=0.07, form="first_row")
+    ours.backward()
+    ref_in = leaves64(embeddings)
+    ref = unis_mmc_code_first_row(ref_in, [lg.double() for lg in logits], labels, tau=0.07)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, want in zip(grads(ours_in), grads(ref_in)):
+        assert torch.allclose(got.double(), want, atol=1e-5)
+    # only row 0 of modality m < n enters: the other rows of the first modality get no gradient
+    assert torch.equal(grads(ours_in)[0][1:], torch.zeros(N - 1, D))
+    assert abs(unis_mmc_loss(embeddings, logits, labels, form="pairs").item() - ours.item()) > 1e-2
+    # no positive or semi-positive pair: the constant log N per pair, no gradient
+    same = [logits[0]] * m_count
+    wrong = (logits[0].argmax(-1) + 1) % C
+    const_in = [e.clone().requires_grad_() for e in embeddings]
+    const = unis_mmc_loss(const_in, same, wrong, form="first_row")
+    assert const.item() == pytest.approx(m_count * (m_count - 1) / 2 * math.log(N))
+    assert not const.requires_grad or all(g is None for g in torch.autograd.grad(const, const_in, allow_unused=True))
+
+
+def test_pair_categories_by_hand():
+    # pair (0, 1) of unis_inputs: P rows 0, 5; SP rows 1, 2; N rows 3, 4
+    _, logits, labels = unis_inputs(2)
+    shares = pair_categories(logits, labels)
+    assert {k: round(v.item() * 6) for k, v in shares.items()} == {"positive": 2, "semi_positive": 2, "negative": 2}
+    # three modalities, averaged over (0,1), (0,2), (1,2): P 2+1+2, SP 2+4+2, N 2+1+2 of 18
+    _, logits, labels = unis_inputs(3)
+    shares = pair_categories(logits, labels)
+    assert {k: round(v.item() * 18) for k, v in shares.items()} == {"positive": 5, "semi_positive": 8, "negative": 5}
+
+
 def test_unis_mmc_zero_when_all_negative_or_all_positive():
     embeddings, logits, labels = unis_inputs(3)
     same = [logits[0]] * 3  # every modality predicts the same classes
@@ -285,26 +391,38 @@ def m3co_inputs(m_count, seed=0):
     return mixed, clean, perms, lambdas
 
 
-@pytest.mark.parametrize("m_count", [2, 3])
-def test_m3co_matches_eq_6_8_value_and_gradients(m_count):
+@pytest.mark.parametrize("m_count,pairs", [(2, "all"), (3, "all"), (3, "cyclic")])
+def test_m3co_matches_eq_6_8_12_value_and_gradients(m_count, pairs):
     mixed, clean, perms, lambdas = m3co_inputs(m_count)
     ours_in = [t.clone().requires_grad_() for t in mixed + clean]
-    ours = m3co_loss(ours_in[:m_count], ours_in[m_count:], perms, lambdas, tau=0.1)
+    ours = m3co_loss(ours_in[:m_count], ours_in[m_count:], perms, lambdas, tau=0.1, pairs=pairs)
     ours.backward()
     ref_in = leaves64(mixed + clean)
-    ref = m3col_eq_6_8(ref_in[:m_count], ref_in[m_count:], perms, [lam.double() for lam in lambdas], tau=0.1)
+    lam64 = [lam.double() for lam in lambdas]
+    ref = m3col_eq_6_8_12(ref_in[:m_count], ref_in[m_count:], perms, lam64, tau=0.1, pairs=pairs)
     ref.backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     for got, want in zip(grads(ours_in), grads(ref_in)):
         assert torch.allclose(got.double(), want, atol=1e-5)
+    # the data tells the readings apart: without the clean-anchor terms, or over other pairs, the
+    # value differs (for two modalities "cyclic" is "all")
+    with torch.no_grad():
+        one_way = m3col_eq_6_8_12(*[leaves64(x) for x in (mixed, clean)], perms, lam64, pairs=pairs, reverse=False)
+        assert abs(one_way.item() - ref.item()) > 1e-2
+        other = "cyclic" if pairs == "all" else "all"
+        alt = m3co_loss(mixed, clean, perms, lambdas, pairs=other).item()
+        assert (abs(alt - ours.item()) > 1e-2) == (m_count > 2)
 
 
 @pytest.mark.parametrize("m_count", [2, 3])
-def test_m3co_with_lambda_one_is_infonce_mixed_to_clean(m_count):
+def test_m3co_with_lambda_one_is_symmetric_infonce_mixed_to_clean(m_count):
     mixed, clean, perms, _ = m3co_inputs(m_count)
     ones = [torch.ones(N) for _ in range(m_count)]
-    infonce = sum(F.cross_entropy(F.normalize(mixed[m], dim=-1) @ F.normalize(clean[o], dim=-1).T / 0.1, torch.arange(N))
-                  for m in range(m_count) for o in range(m_count) if o != m)
+
+    def clip(p, q):
+        s = F.normalize(p, dim=-1) @ F.normalize(q, dim=-1).T / 0.1
+        return 0.5 * (F.cross_entropy(s, torch.arange(N)) + F.cross_entropy(s.T, torch.arange(N)))
+    infonce = sum(clip(mixed[m], clean[o]) for m in range(m_count) for o in range(m_count) if o != m)
     assert torch.allclose(m3co_loss(mixed, clean, perms, ones, tau=0.1), infonce, atol=1e-5)
 
 
@@ -323,29 +441,37 @@ def test_m3co_lower_when_mixed_is_the_lambda_mix_of_its_targets():
 # ---------------------------------------------------------------- 4. M3CoL MultiSoftClip
 
 
-@pytest.mark.parametrize("m_count", [2, 3])
-def test_multisoftclip_matches_eq_9_11_value_and_gradients(m_count):
+@pytest.mark.parametrize("m_count,pairs,reverse", [(2, "all", "transposed"), (3, "all", "transposed"),
+                                                    (3, "all", "rows"), (3, "cyclic", "rows")])
+def test_multisoftclip_matches_eq_9_11_value_and_gradients(m_count, pairs, reverse):
     embeddings = [rand(N, D, seed=60 + m) for m in range(m_count)]
     ours_in = [e.clone().requires_grad_() for e in embeddings]
-    ours = multisoftclip_loss(ours_in, tau=0.1)
+    ours = multisoftclip_loss(ours_in, tau=0.1, pairs=pairs, reverse=reverse)
     ours.backward()
     ref_in = leaves64(embeddings)
-    ref = multisoftclip_eq_9_11(ref_in, tau=0.1)
+    ref = multisoftclip_eq_9_11(ref_in, tau=0.1, pairs=pairs, reverse=reverse)
     ref.backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     for got, want in zip(grads(ours_in), grads(ref_in)):
         assert torch.allclose(got.double(), want, atol=1e-5)
+    other = "rows" if reverse == "transposed" else "transposed"  # the two reverse terms differ here
+    assert abs(multisoftclip_loss(embeddings, tau=0.1, pairs=pairs, reverse=other).item() - ours.item()) > 1e-3
 
 
-def test_multisoftclip_minimum_is_the_target_entropy():
-    # identical modalities: each l(m->n) is the cross-entropy of softmax(qq^T/tau) with itself, i.e.
-    # its entropy (Gibbs' minimum); moving one modality away from the others must raise the loss.
+def test_multisoftclip_identical_modalities():
+    # identical modalities: S = qq^T/tau is symmetric, so the forward term and the "rows" reverse
+    # term are the cross-entropy of T = softmax(S) with itself, its entropy (Gibbs' minimum): each
+    # l(m->n) of the authors' form is H(T); moving one modality away raises the loss. The paper's
+    # transposed reverse term is -1/N sum_ij T_ji log T_ij instead.
     e = rand(N, D, seed=70)
     t = torch.softmax(F.normalize(e, dim=-1) @ F.normalize(e, dim=-1).T / 0.1, dim=-1)
     entropy = -(t * t.log()).sum(-1).mean()
-    same = multisoftclip_loss([e, 2 * e, e], tau=0.1)
+    same = multisoftclip_loss([e, 2 * e, e], tau=0.1, reverse="rows")
     assert same.item() == pytest.approx(6 * entropy.item(), rel=1e-5)
-    assert multisoftclip_loss([e + 0.3 * rand(N, D, seed=71), e, e], tau=0.1).item() > same.item()
+    assert multisoftclip_loss([e + 0.3 * rand(N, D, seed=71), e, e], tau=0.1, reverse="rows").item() > same.item()
+    cross = -(t.T * t.log()).sum(-1).mean()
+    paper = multisoftclip_loss([e, 2 * e, e], tau=0.1)
+    assert paper.item() == pytest.approx(6 * 0.5 * (entropy + cross).item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- 5. mixup cross-entropy
@@ -364,7 +490,8 @@ def test_mixup_cross_entropy():
 # ---------------------------------------------------------------- 6. two gloo ranks == one process
 
 WORLD, BATCH, DIMS = 2, 8, (6, 4, 5)
-LOSSES = ["soft_target", "unis_mmc", "m3co", "multisoftclip", "mixup_ce"]
+LOSSES = ["soft_target", "soft_target_detached", "soft_target_hard", "unis_mmc", "unis_mmc_first_row", "m3co",
+          "m3co_cyclic", "multisoftclip", "multisoftclip_rows_cyclic", "mixup_ce"]
 
 
 class Towers(nn.Module):
@@ -404,14 +531,18 @@ def dist_batch():
 
 def loss_on(name, out, labels, perms, lam):
     emb = [out[f"emb{m}"] for m in range(len(DIMS))]
-    if name == "soft_target":
-        return soft_target_contrastive_loss(F.normalize(emb[0], dim=-1), F.normalize(emb[1], dim=-1), out["scale"])
-    if name == "unis_mmc":
-        return unis_mmc_loss(emb, [out[f"logit{m}"] for m in range(len(DIMS))], labels)
-    if name == "m3co":
-        return m3co_loss([out[f"mix{m}"] for m in range(len(DIMS))], emb, perms, [lam] * len(DIMS))
-    if name == "multisoftclip":
-        return multisoftclip_loss(emb)
+    if name.startswith("soft_target"):
+        targets = {"soft_target": "soft", "soft_target_detached": "soft_detached", "soft_target_hard": "hard"}[name]
+        return soft_target_contrastive_loss(F.normalize(emb[0], dim=-1), F.normalize(emb[1], dim=-1), out["scale"],
+                                            targets=targets)
+    if name.startswith("unis_mmc"):
+        return unis_mmc_loss(emb, [out[f"logit{m}"] for m in range(len(DIMS))], labels,
+                             form="first_row" if name.endswith("first_row") else "pairs")
+    if name.startswith("m3co"):
+        return m3co_loss([out[f"mix{m}"] for m in range(len(DIMS))], emb, perms, [lam] * len(DIMS),
+                         pairs="cyclic" if name.endswith("cyclic") else "all")
+    if name.startswith("multisoftclip"):
+        return multisoftclip_loss(emb, **({"pairs": "cyclic", "reverse": "rows"} if name.endswith("cyclic") else {}))
     if name == "mixup_ce":
         return mixup_cross_entropy(out["logit0"], labels, perms[0], lam)
     raise ValueError(name)
@@ -461,7 +592,7 @@ def test_two_ranks_equal_single_process_full_batch(name, two_rank_results):
     got = two_rank_results[name]
     for gp, fp in zip(got["perms"], full):
         assert torch.equal(gp, fp)
-    if name == "unis_mmc":  # the batch exercises P, SP and N samples
+    if name.startswith("unis_mmc"):  # the batch exercises P, SP and N samples
         with torch.no_grad():
             out = Towers()(xs, full, lam)
         r0, r1 = (out[f"logit{m}"].argmax(-1) == labels for m in range(2))

@@ -12,9 +12,21 @@ import torch.nn as nn
 
 from ..config import ClassifyModelConfig, ConfigError, ModalityConfig
 from .layers import mix, mlp
+
+layers_mix = mix  # forward's `mix` argument shadows the function there
 from .towers import Tower, build_tower
 
-MIX_MODES = ("none", "per_modality", "shared")
+MIX_MODES = ("none", "m3co", "mixup")
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Xavier-normal weights and zero biases for every Linear layer of `module` (the init of the
+    M3CoL and UniS-MMC authors' code)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class TabularEncoder(nn.Module):
@@ -72,10 +84,15 @@ class FusionClassifier(nn.Module):
     """Encoders -> unimodal heads and concatenation -> fused head.
 
     Outputs per sample: logits (fused), logits/<m> (unimodal), emb/<m> (embeddings). In training,
-    `mix` adds mixup outputs: "per_modality" (M3Co) gives mix_emb/<m>, mix_perm/<m>,
-    mix_lambda/<m> with a permutation and lambdas of its own per modality; "shared" (the mixup
-    baseline) mixes every modality with one permutation and gives mix_logits, mix_perm, mix_lambda.
-    The draws come from torch's global RNG, which the engine seeds per step.
+    `mix` adds mixup outputs: "m3co" gives mix_emb/<m>, mix_perm/<m>, mix_lambda/<m> for M3Co;
+    "mixup" (the mixup baseline) mixes every modality's input with one permutation and gives
+    mix_logits, mix_perm, mix_lambda. The draws come from torch's global RNG, which the engine
+    seeds per step; lambda ~ Beta(alpha, alpha).
+
+    M3Co's options (forward's arguments; loss.m3co_* in a recipe): `draws` shared (eq. 2: one
+    lambda_i and one partner k(i) for all modalities) or per_modality (the authors' code); `at`
+    inputs (eq. 2) or embeddings (the authors' code mixes the encoders' outputs); `prob`, the
+    share of rows mixed, the others keeping lambda = 1 (the authors' code: 0.5).
     """
 
     def __init__(self, cfg: ClassifyModelConfig, unimodal_heads: bool = True, mixup_alpha: float = 0.15):
@@ -88,6 +105,11 @@ class FusionClassifier(nn.Module):
         self.fused_head = mlp(sum(e.width for e in self.encoders.values()), list(c.hidden_dims), cfg.num_classes,
                               c.dropout)
         self.alpha = mixup_alpha
+        if getattr(cfg, "init", "default") == "xavier":  # the towers keep their (pretrained) weights
+            for n, e in self.encoders.items():
+                xavier_init(e.net if isinstance(e, TabularEncoder) else e.proj)
+            for head in [*(self.heads.values() if self.heads is not None else []), self.fused_head]:
+                xavier_init(head)
 
     def named_towers(self) -> dict[str, Tower]:
         return {n: e.tower for n, e in self.encoders.items() if isinstance(e, TowerEncoder)}
@@ -95,12 +117,15 @@ class FusionClassifier(nn.Module):
     def tower(self, name: str) -> Tower:
         return self.encoders[name].tower
 
-    def _draw(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, n: int, device, prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         perm = torch.randperm(n).to(device)
-        lam = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha)).sample((n,)).to(device)
-        return perm, lam
+        lam = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha)).sample((n,))
+        if prob < 1:  # rows left unmixed keep lambda = 1
+            lam = torch.where(torch.rand(n) < prob, lam, torch.ones_like(lam))
+        return perm, lam.to(device)
 
-    def forward(self, batch: dict, mix: str = "none") -> dict:
+    def forward(self, batch: dict, mix: str = "none", draws: str = "shared", at: str = "inputs",
+                prob: float = 1.0) -> dict:
         if mix not in MIX_MODES:
             raise ValueError(f"mix: {mix!r} is not one of {MIX_MODES}")
         inputs = {n: modality_inputs(batch, n) for n in self.names}
@@ -114,11 +139,15 @@ class FusionClassifier(nn.Module):
             return out
         rows = len(batch["label"])
         device = out["logits"].device
-        if mix == "per_modality":
+        if mix == "m3co":
+            if draws not in ("shared", "per_modality") or at not in ("inputs", "embeddings"):
+                raise ValueError(f"m3co mixing: draws {draws!r} (shared, per_modality), at {at!r} (inputs, embeddings)")
+            shared = self._draw(rows, device, prob) if draws == "shared" else None
             for n in self.names:
-                perm, lam = self._draw(rows, device)
-                out.update({f"mix_emb/{n}": self.encoders[n].forward_mixed(inputs[n], perm, lam),
-                            f"mix_perm/{n}": perm, f"mix_lambda/{n}": lam})
+                perm, lam = shared or self._draw(rows, device, prob)
+                mixed = layers_mix(emb[n], perm, lam) if at == "embeddings" else \
+                    self.encoders[n].forward_mixed(inputs[n], perm, lam)
+                out.update({f"mix_emb/{n}": mixed, f"mix_perm/{n}": perm, f"mix_lambda/{n}": lam})
         else:
             perm, lam = self._draw(rows, device)
             mixed = [self.encoders[n].forward_mixed(inputs[n], perm, lam) for n in self.names]

@@ -8,7 +8,7 @@ from ..data.labelled import LabelledSplits, collate_arrays, load_imagetext, load
 from ..data.stream import BatchStream, Collate
 from ..dist import gather_outputs, global_index
 from ..eval import classification_metrics, predict
-from ..losses import m3co_loss, mixup_cross_entropy, multisoftclip_loss, unis_mmc_loss
+from ..losses import m3co_loss, mixup_cross_entropy, multisoftclip_loss, pair_categories, unis_mmc_loss
 from ..models import FusionClassifier, build_model
 from ..models.layers import eval_mode
 from .base import Progress, Task
@@ -23,7 +23,11 @@ class ClassifyTask(Task):
     loss.contrastive picks the method: unis_mmc (UniS-MMC), m3co or multisoftclip, or m3col
     (M3Co for the first m3co_fraction of the steps, then MultiSoftClip); none with unimodal heads
     is UniConcat; loss.mixup trains the fused head on mixed inputs with mixed labels (the mixup
-    baseline); one modality with unimodal_weight 0 is the unimodal baseline.
+    baseline); one modality with unimodal_weight 0 is the unimodal baseline. The options named
+    after the authors' code (loss.m3co_mix, m3co_draws, m3co_mix_prob, contrastive_pairs,
+    multisoftclip_reverse, multisoftclip_tau, unis_mmc_logits) are documented in mmscale/losses.py
+    and mmscale/config.py; their defaults are the papers' equations. With UniS-MMC the loss also
+    reports the shares of positive, semi-positive and negative pairs (pairs_positive, ...).
     """
 
     def __init__(self, cfg, logger=None):
@@ -60,11 +64,11 @@ class ClassifyTask(Task):
         return "m3co" if progress.step < c.m3co_fraction * progress.total_steps else "multisoftclip"
 
     def mix_mode(self, progress: Progress) -> str:
-        """What the model mixes in this step: M3Co mixes each modality on its own, the mixup
-        baseline all of them with one permutation."""
+        """What the model mixes in this step: M3Co's mixed embeddings, or the mixup baseline's
+        inputs (all modalities with one permutation)."""
         if self.cfg.loss.mixup:
-            return "shared"
-        return "per_modality" if self.contrastive_phase(progress) == "m3co" else "none"
+            return "mixup"
+        return "m3co" if self.contrastive_phase(progress) == "m3co" else "none"
 
     def collate(self, model):
         if self.cfg.data.type == "multiview":
@@ -80,7 +84,10 @@ class ClassifyTask(Task):
                            seed=d.seed, num_workers=d.num_workers)
 
     def forward(self, model, batch: dict, progress: Progress) -> dict:
-        return model(batch, mix=self.mix_mode(progress))
+        c, mode = self.cfg.loss, self.mix_mode(progress)
+        if mode != "m3co":
+            return model(batch, mix=mode)
+        return model(batch, mix=mode, draws=c.m3co_draws, at=c.m3co_mix, prob=c.m3co_mix_prob)
 
     def loss(self, out: dict, batch: dict, progress: Progress):
         c, names = self.cfg.loss, [m.name for m in self.cfg.model.modalities]
@@ -99,13 +106,16 @@ class ClassifyTask(Task):
         if phase != "none":
             emb = [out[f"emb/{n}"] for n in names]
             if phase == "unis_mmc":
-                term = unis_mmc_loss(emb, [out[f"logits/{n}"] for n in names], labels, c.tau)
+                logits = [out[f"logits/{n}"] for n in names]
+                term = unis_mmc_loss(emb, logits, labels, c.tau, form=c.unis_mmc_logits)
+                metrics.update({f"pairs_{k}": v for k, v in pair_categories(logits, labels).items()})
             elif phase == "m3co":
                 term = m3co_loss([out[f"mix_emb/{n}"] for n in names], emb,
                                  [global_index(out[f"mix_perm/{n}"]) for n in names],
-                                 [out[f"mix_lambda/{n}"] for n in names], c.tau)
+                                 [out[f"mix_lambda/{n}"] for n in names], c.tau, pairs=c.contrastive_pairs)
             else:
-                term = multisoftclip_loss(emb, c.tau)
+                term = multisoftclip_loss(emb, c.multisoftclip_tau or c.tau, pairs=c.contrastive_pairs,
+                                          reverse=c.multisoftclip_reverse)
             total = total + c.contrastive_weight * term
             metrics[f"loss_{phase}"] = term.detach()
         return total, metrics
