@@ -39,9 +39,9 @@ def close(a, b, atol=1e-5):
 W = 16
 
 
-def encoder(fusion):
+def encoder(fusion, **kwargs):
     torch.manual_seed(0)
-    return DeepFusionEncoder(W, fusion, num_heads=4)
+    return DeepFusionEncoder(W, fusion, num_heads=4, **kwargs).eval()
 
 
 def tokens():
@@ -62,8 +62,24 @@ def test_dfe_shapes_padding_and_context(fusion):
     noisy = torch.where(mask[..., None], e, 100 * torch.randn_like(e))
     assert close(enc(noisy, mask, c1), out)
     assert close(enc(e[1:2, :3], mask[1:2, :3], c1), out[1:2])
+    if fusion == "none":  # heads only: no DFE, no context, no parameters
+        assert close(out, masked_mean(e, mask)) and close(enc(e, mask, c2), out)
+        assert not list(enc.parameters())
+        return
     # the context tells the modalities apart: the same tokens under the other context differ
     assert (enc(e, mask, c2) - out).abs().max() > 1e-2
+
+
+def test_dfe_block_options():
+    """ff_dim and dropout reach the transformer block (the authors' 2048 and 0.1); dropout acts in
+    training only."""
+    enc = encoder("add", ff_dim=40, dropout=0.5)
+    assert enc.block.linear1.out_features == 40 and enc.block.dropout.p == 0.5
+    assert encoder("add").block.linear1.out_features == 4 * W and encoder("add").block.dropout.p == 0.0
+    e, mask, c, _ = tokens()
+    assert close(enc(e, mask, c), enc(e, mask, c))
+    enc.train()
+    assert (enc(e, mask, c) - enc(e, mask, c)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("fusion", ["add", "multiply", "concat"])
@@ -79,9 +95,10 @@ def test_dfe_token_fusions_by_hand(fusion):
     assert close(enc(e, mask, c), want)
 
 
-@pytest.mark.parametrize("fusion", ["attention_additive", "attention_dot"])
-def test_attention_pools_tokens_with_the_context_as_query(fusion):
-    enc = encoder(fusion)
+@pytest.mark.parametrize("fusion,output", [("attention_additive", "sequence"), ("attention_dot", "sequence"),
+                                           ("attention_dot", "pooled")])
+def test_attention_pools_tokens_with_the_context_as_query(fusion, output):
+    enc = encoder(fusion, attention_output=output)
     e, mask, c, c2 = tokens()
     alpha = enc.attention(e, mask, c)
     assert torch.all(alpha[~mask] == 0) and close(alpha.sum(-1), torch.ones(3))
@@ -93,8 +110,37 @@ def test_attention_pools_tokens_with_the_context_as_query(fusion):
         score = (k * q).sum(-1) / math.sqrt(W)
     assert close(alpha, score.masked_fill(~mask, -math.inf).softmax(-1))
     assert (enc.attention(e, mask, c2) - alpha).abs().max() > 1e-3  # the query is the context
-    x = (alpha[..., None] * (e @ enc.value.weight.T + enc.value.bias)).sum(1, keepdim=True)
-    assert close(enc(e, mask, c), (x + enc.block(enc.norm(x)))[:, 0])  # one token: LN -> block -> residual
+    a = (alpha[..., None] * (e @ enc.value.weight.T + enc.value.bias)).sum(1, keepdim=True)
+    if output == "pooled":
+        assert close(enc(e, mask, c), (a + enc.block(enc.norm(a)))[:, 0])  # one token: LN -> block -> residual
+    else:  # the authors' code: a added to every token, the sequence kept: LN -> block -> residual -> mean
+        x = e + a
+        want = masked_mean(x + enc.block(enc.norm(x), src_key_padding_mask=~mask), mask)
+        assert close(enc(e, mask, c), want)
+        assert not close(want, masked_mean(a.expand_as(e) + enc.block(enc.norm(a.expand_as(e))), mask))
+
+
+def test_projection_and_context_options():
+    """g_m gelu_ln is Linear -> GELU -> Linear -> Dropout -> LayerNorm; the mlp context is a learned
+    vector through Linear/ReLU layers and a LayerNorm, so it sits on the scale of LayerNorm'd
+    features (norm about sqrt(width)) where the embedding context starts about 50x smaller."""
+    from mmscale.config import DFEConfig
+    from mmscale.models.cbmf import ContextMLP, projection
+    cfg = DFEConfig(width=W, projection_hidden=12, projection="gelu_ln", dropout=0.1)
+    torch.manual_seed(0)
+    g = projection(20, cfg).eval()
+    x = torch.randn(4, 20)
+    lin1, lin2, ln = g[0], g[2], g[4]
+    want = F.layer_norm(F.gelu(x @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias, (W,), ln.weight, ln.bias)
+    assert close(g(x), want) and g[3].p == 0.1
+    assert len(projection(20, DFEConfig(width=W, projection_hidden=12))) == 3  # Linear, ReLU, Linear
+    ctx = ContextMLP(2, 3, W)
+    c0, c1 = ctx(0), ctx(1)
+    assert c0.shape == (W,) and abs(c0.norm().item() - math.sqrt(W)) < 0.5 and (c0 - c1).abs().max() > 1e-2
+    _, model = tiny_model("model.dfe.context=mlp")
+    assert close(model.context_vector("text"), model.context(1))
+    _, model = tiny_model()
+    assert model.context_vector("text").norm() < 0.3 * math.sqrt(W)
 
 
 def test_dfe_and_model_config_errors():
@@ -161,6 +207,32 @@ def test_cached_features_equal_live_towers_and_forward_equals_encode(mode, fusio
         assert close(out["image"], model.encode_image(images))
         assert close(out["text"], model.encode_text(tok["input_ids"], tok["attention_mask"]))
         assert out["logit_scale"].shape == (1,) and out["logit_scale"].item() == pytest.approx(1 / 0.07)
+
+
+def test_frozen_tower_memo_returns_the_live_outputs_and_forgets_on_load(monkeypatch):
+    """Evaluation sees the same images and prompts every time: the towers' outputs come from a memo
+    keyed by the inputs' bytes, equal to running them, and a load_state_dict empties it."""
+    cfg, model = tiny_model("model.dfe.features=tokens")
+    samples = digit_samples(8)
+    ds = CaptionDataset(samples, image_transform(32, train=False))
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    tok = model.tokenize([s.caption for s in samples])
+    with torch.no_grad():
+        first = model.encode_image(images), model.encode_text(tok["input_ids"], tok["attention_mask"])
+        calls = []
+        original = model.tower_features
+        monkeypatch.setattr(model, "tower_features", lambda *a: calls.append(a[0]) or original(*a))
+        again = model.encode_image(images), model.encode_text(tok["input_ids"], tok["attention_mask"])
+        assert calls == [] and all(torch.equal(x, y) for x, y in zip(first, again))
+        other = images.clone()
+        other[0, 0, 0, 0] += 1  # one changed pixel is another input
+        model.encode_image(other)
+        assert calls == ["image"]
+        live, _ = original("image", images)
+        assert torch.equal(model.memo_features("image", images)[0], live)
+        model.load_state_dict(model.state_dict())
+        model.encode_image(images)
+        assert calls == ["image", "image"]
 
 
 def test_feature_cache_hits_on_rerun_and_misses_on_change(tmp_path, monkeypatch):

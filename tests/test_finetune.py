@@ -17,8 +17,8 @@ from mmscale.config import ConfigError, DataConfig, ModalityConfig, load_config
 from mmscale.data.labelled import load_multiview
 from mmscale.eval import classification_metrics
 
-ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "unis_mmc_rosmap.yaml", "mixup_rosmap.yaml",
-                  "unimodal_rosmap.yaml"]
+ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "m3col_rosmap_code.yaml", "unis_mmc_rosmap.yaml",
+                  "mixup_rosmap.yaml", "unimodal_rosmap.yaml"]
 IMAGETEXT_RECIPES = ["unis_mmc_food101.yaml", "m3col_food101.yaml"]
 
 
@@ -102,6 +102,72 @@ def test_rosmap_recipes_parse(recipe):
     cfg = load_config(os.path.join(ROOT, "recipes", recipe))
     assert cfg.task == "classify" and cfg.data.type == "multiview" and cfg.train.global_batch_size == 245
     assert cfg.model.modalities[0].key == "1"
+    # the authors' preprocessing and init in every ROSMAP recipe
+    assert cfg.data.normalize == "minmax" and cfg.model.init == "xavier"
+    if recipe.startswith("unis_mmc"):  # Vincent-ZHQ/UniS-MMC src/config.py, rosmap
+        assert (cfg.train.epochs, cfg.optim.weight_decay, cfg.model.classifier.dropout) == (150, 1e-3, 0.5)
+    else:  # M3CoL's StepLR at epoch 250
+        assert (cfg.train.epochs, cfg.optim.schedule, cfg.optim.step_size) == (500, "step", 250)
+
+
+def test_m3col_recipes_paper_and_code():
+    paper = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap.yaml"), check_files=False).loss
+    code = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap_code.yaml"), check_files=False).loss
+    assert (paper.m3co_mix, paper.m3co_draws, paper.m3co_mix_prob, paper.contrastive_pairs,
+            paper.multisoftclip_reverse, paper.multisoftclip_tau) == ("inputs", "shared", 1.0, "all", "transposed", 0.0)
+    assert (code.m3co_mix, code.m3co_draws, code.m3co_mix_prob, code.contrastive_pairs,
+            code.multisoftclip_reverse, code.multisoftclip_tau) == ("embeddings", "per_modality", 0.5, "cyclic", "rows", 0.125)
+    with pytest.raises(ConfigError, match="loss.m3co_mix_prob"):
+        load_config(os.path.join(ROOT, "recipes", "m3col_rosmap.yaml"), ["loss.m3co_mix_prob=0"], check_files=False)
+
+
+# ---------------------------------------------------------------- the model's options
+
+def classifier(*extra, seed=0):
+    from mmscale.models import FusionClassifier
+    cfg = load_config(None, views_config("/nonexistent", "train.steps=1", *extra), check_files=False)
+    for m, d in zip(cfg.model.modalities, (5, 7)):
+        m.input_dim = d
+    cfg.model.num_classes = 3
+    torch.manual_seed(seed)
+    return FusionClassifier(cfg.model)
+
+
+def test_xavier_init_is_xavier_normal_with_zero_bias():
+    model = classifier("model.init=xavier")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 2 + 2 * 2 + 2  # encoders, unimodal heads, fused head
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        if layer.weight.numel() >= 100:  # Xavier-normal: std sqrt(2 / (fan_in + fan_out))
+            assert layer.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.3)
+    assert any(m.bias.abs().max() > 0 for m in classifier().modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_m3co_draws_mixing_point_and_share():
+    """shared: one partner and lambda for every modality (eq. 2); per_modality: a draw each (the
+    authors' code); at=embeddings mixes the encoders' outputs; prob leaves the other rows at 1."""
+    model = classifier()
+    g = torch.Generator().manual_seed(0)
+    batch = {"a": torch.randn(16, 5, generator=g), "b": torch.randn(16, 7, generator=g), "label": torch.arange(16) % 3}
+    torch.manual_seed(1)
+    out = model.train()(batch, mix="m3co")
+    assert torch.equal(out["mix_perm/a"], out["mix_perm/b"]) and torch.equal(out["mix_lambda/a"], out["mix_lambda/b"])
+    perm, lam = out["mix_perm/a"], out["mix_lambda/a"]
+    lam_ = lam[:, None]
+    assert torch.allclose(out["mix_emb/a"], model.encoders["a"](lam_ * batch["a"] + (1 - lam_) * batch["a"][perm]), atol=1e-6)
+    torch.manual_seed(1)
+    own = model(batch, mix="m3co", draws="per_modality")
+    assert not torch.equal(own["mix_perm/a"], own["mix_perm/b"])
+    torch.manual_seed(1)
+    emb = model(batch, mix="m3co", at="embeddings")
+    e = out["emb/b"]
+    assert torch.allclose(emb["mix_emb/b"], lam_ * e + (1 - lam_) * e[perm], atol=1e-6)
+    torch.manual_seed(1)
+    half = model(batch, mix="m3co", prob=0.5)["mix_lambda/a"]
+    assert 0 < (half == 1).sum() < 16 and torch.equal(half[half != 1], lam[half != 1])
+    assert set(model.eval()(batch, mix="m3co")) == set(model(batch))  # no mixing in evaluation
 
 
 @pytest.mark.parametrize("recipe", IMAGETEXT_RECIPES)
@@ -357,3 +423,38 @@ def test_image_text_m3col_mixes_pixels_and_token_embeddings(tmp_path):
     assert os.path.isfile(os.path.join(run, "export", "text_text", "tokenizer.json"))
     again = ClassifyTask(load_config(os.path.join(run, "config.yaml"))).evaluate(model, torch.device("cpu"), torch.float32)
     assert again["test/acc"] == pytest.approx(results["test/acc"])
+
+
+# ---------------------------------------------------------------- the sweep's three protocols
+
+def test_sweep_protocols_pick_final_validation_and_test_selected(tmp_path):
+    """final = results.json; validation-selected = best val/acc (ties: lower val/loss, then the
+    earlier step), never looking at test/*; test-selected = best test/acc; --epochs-from reads
+    the step chosen on another run (with a validation split) off this run's evaluations."""
+    from mmscale.cli import sweep
+
+    def write_run(folder, evals, results):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+            for r in [{"step": 1, "loss": 1.0}, *evals]:
+                f.write(json.dumps(r) + "\n")
+        json.dump(results, open(os.path.join(folder, "results.json"), "w"))
+
+    evals = [{"step": 10, "val/acc": 0.8, "val/loss": 0.5, "test/acc": 0.70},
+             {"step": 20, "val/acc": 0.9, "val/loss": 0.6, "test/acc": 0.60},
+             {"step": 30, "val/acc": 0.9, "val/loss": 0.4, "test/acc": 0.75},  # val tie: lower val/loss wins
+             {"step": 40, "val/acc": 0.9, "val/loss": 0.4, "test/acc": 0.65},  # full tie: the earlier step
+             {"step": 50, "val/acc": 0.5, "val/loss": 0.9, "test/acc": 0.90}]
+    val_run = str(tmp_path / "val" / "m" / "seed0")
+    write_run(val_run, evals, {"step": 50, "test/acc": 0.9})
+    got = sweep.protocols(val_run, "val/acc", "max", None)
+    assert got["final"]["step"] == 50 and got["val"]["step"] == 30 and got["test"]["step"] == 50
+    assert sweep.protocols(val_run, "val/loss", "min", None)["val"]["step"] == 30
+    full_run = str(tmp_path / "all" / "m" / "seed0")
+    write_run(full_run, [{"step": s, "test/acc": a} for s, a in ((10, 0.5), (20, 0.6), (30, 0.55), (40, 0.8), (50, 0.7))],
+              {"step": 50, "test/acc": 0.7})
+    got = sweep.protocols(full_run, "val/acc", "max", val_run)
+    assert got["val"]["step"] == 30 and got["val"]["test/acc"] == 0.55 and got["test"]["step"] == 40
+    assert "val" not in sweep.protocols(full_run, "val/acc", "max", None)  # no validation split, no such protocol
+    md = sweep.table({"m": [got]}, ["test/acc"])
+    assert "ACC final | ACC val-selected | ACC test-selected" in md and "| m | 70.0 +- 0.0 | 55.0 +- 0.0 | 80.0 +- 0.0 | 30 / 40 |" in md

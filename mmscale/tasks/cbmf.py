@@ -19,8 +19,9 @@ from .base import Progress, Task, image_text_evaluation
 
 class CBMFTask(Task):
     """CBMF: two frozen towers, trained projections g_m, context embeddings and one shared Deep
-    Fusion Encoder, aligned with the soft-target contrastive loss (eq. 3-6) and a learnable
-    temperature.
+    Fusion Encoder, aligned with the soft-target contrastive loss (eq. 3-6; loss.cbmf_targets
+    picks soft, soft_detached or the authors' code's hard targets) and a learnable temperature.
+    model.dfe.fusion none is the heads-only baseline over the same cached features.
 
     The towers' outputs over the training pairs and the validation pairs (a data.val_fraction
     share of the training images, seeded) are computed once into data.feature_cache
@@ -71,7 +72,7 @@ class CBMFTask(Task):
     def loss(self, out: dict, batch: dict, progress: Progress):
         out = gather_outputs(out, self.shared_outputs)
         a, b = self.names
-        loss = soft_target_contrastive_loss(out[a], out[b], out["logit_scale"])
+        loss = soft_target_contrastive_loss(out[a], out[b], out["logit_scale"], self.cfg.loss.cbmf_targets)
         return loss, {"temperature": 1.0 / out["logit_scale"].detach().float()}
 
     def val_loss(self, model: CBMF, device, dtype) -> float | None:
@@ -87,7 +88,9 @@ class CBMFTask(Task):
         scale = model.logit_scale().detach().float().cpu()
         order = np.random.default_rng(self.cfg.data.seed).permutation(n)
         chunks = np.array_split(order, max(1, round(n / self.cfg.train.global_batch_size)))
-        return sum(len(c) / n * soft_target_contrastive_loss(out[a][c], out[b][c], scale).item() for c in chunks)
+        targets = self.cfg.loss.cbmf_targets
+        return sum(len(c) / n * soft_target_contrastive_loss(out[a][c], out[b][c], scale, targets).item()
+                   for c in chunks)
 
     def evaluate(self, model: CBMF, device, dtype) -> dict:
         metrics = {}
