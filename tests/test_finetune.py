@@ -456,5 +456,12 @@ def test_sweep_protocols_pick_final_validation_and_test_selected(tmp_path):
     got = sweep.protocols(full_run, "val/acc", "max", val_run)
     assert got["val"]["step"] == 30 and got["val"]["test/acc"] == 0.55 and got["test"]["step"] == 40
     assert "val" not in sweep.protocols(full_run, "val/acc", "max", None)  # no validation split, no such protocol
+    # an image-text run (no test/acc): the final protocol only, with early stopping's best step
+    cbmf_run = str(tmp_path / "cbmf" / "m" / "seed0")
+    write_run(cbmf_run, [{"step": 5, "val/loss": 2.0, "zeroshot/cifar10/top1": 0.5}],
+              {"step": 9, "best_step": 5, "val/loss": 2.0, "zeroshot/cifar10/top1": 0.5})
+    only = sweep.protocols(cbmf_run, "val/acc", "max", None)
+    assert set(only) == {"final", "wall_seconds"}
+    assert "| m | 50.0 +- 0.0 | 5 / - / - |" in sweep.table({"m": [only]}, ["zeroshot/cifar10/top1"])
     md = sweep.table({"m": [got]}, ["test/acc"])
-    assert "ACC final | ACC val-selected | ACC test-selected" in md and "| m | 70.0 +- 0.0 | 55.0 +- 0.0 | 80.0 +- 0.0 | 30 / 40 |" in md
+    assert "ACC final | ACC val-selected | ACC test-selected" in md and "| m | 70.0 +- 0.0 | 55.0 +- 0.0 | 80.0 +- 0.0 | 50 / 30 / 40 |" in md

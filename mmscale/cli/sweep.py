@@ -84,7 +84,9 @@ def protocols(run_dir: str, select: str, mode: str, epochs_from: str | None) -> 
     with open(os.path.join(run_dir, "results.json")) as f:
         final = json.load(f)
     evals = evaluations(run_dir)
-    out = {"final": final, "test": select_test(evals)}
+    out = {"final": final}
+    if evals:  # runs without test/acc (image-text models) have the final protocol only
+        out["test"] = select_test(evals)
     if epochs_from:
         chosen = select_validation(evaluations(epochs_from), select, mode)
         if chosen is None:
@@ -134,18 +136,20 @@ def mean_std(values: list[float]) -> str:
 def table(results: dict, metrics: list[str]) -> str:
     """One markdown table: a row per method, ACC/F1/AUC (mean +- std over seeds, in %) under each
     protocol the runs have, the mean selected step and the mean wall time."""
-    names = [m.split("/")[-1].upper() for m in metrics]
+    names = [m[len("test/"):].upper() if m.startswith("test/") else m for m in metrics]
     header = ["method"]
-    for p in PROTOCOLS:
+    shown = [p for p in PROTOCOLS if any(p in r for runs in results.values() for r in runs)]
+    for p in shown:
         header += [f"{n} {SHORT[p]}" for n in names]
-    header += ["step val / test", "s/run"]
+    header += ["step final / val / test", "s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, runs in results.items():
         row = [name]
-        for p in PROTOCOLS:
+        for p in shown:
             row += [mean_std([r[p][m] for r in runs if p in r and m in r[p]]) for m in metrics]
-        steps = [f"{np.mean([r[p]['step'] for r in runs]):.0f}" if all(p in r and "step" in r[p] for r in runs)
-                 else "-" for p in ("val", "test")]
+        # with early stopping, results.json's best_step is the evaluation it holds
+        steps = [f"{np.mean([r[p].get('best_step', r[p].get('step')) for r in runs]):.0f}"
+                 if all(p in r and "step" in r[p] for r in runs) else "-" for p in ("final", "val", "test")]
         wall = np.nanmean([r["wall_seconds"] for r in runs]) if any(np.isfinite(r["wall_seconds"]) for r in runs) \
             else float("nan")
         row += [" / ".join(steps), "-" if not np.isfinite(wall) else f"{wall:.0f}"]
@@ -185,7 +189,8 @@ def main(argv=None) -> int:
             source = os.path.join(args.epochs_from, name, f"seed{s}") if args.epochs_from else None
             runs.append(protocols(run_dir, args.select, args.select_mode, source))
         results[name] = runs
-        print(f"{name}: " + ", ".join(f"{PROTOCOLS[k]} ACC {mean_std([r[k]['test/acc'] for r in runs if k in r])}"
+        first = args.metrics[0]
+        print(f"{name}: " + ", ".join(f"{PROTOCOLS[k]} {first} {mean_std([r[k][first] for r in runs if first in r.get(k, {})])}"
                                       for k in PROTOCOLS), flush=True)
     for norm in args.logreg_normalize if args.logreg else []:
         name = "logistic_regression" + ("" if norm == "none" else f"_{norm}")
