@@ -38,9 +38,9 @@ def main() -> int:
                    help="working folder, emptied first (default: runs/demo)")
     p.add_argument("--ranks", type=int, default=2, help="training processes (default: 2)")
     p.add_argument("--source", choices=["auto", "digits", "cifar10"], default="auto",
-                   help="auto: cifar10 when ../shared/data/cifar10 exists, else digits")
-    p.add_argument("--per-class", type=int, default=300, help="cifar10: training images per class")
-    p.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. train.epochs=5")
+                   help="images to train on; auto: cifar10 when ../shared/data/cifar10 exists, else digits (default: auto)")
+    p.add_argument("--per-class", type=int, default=300, help="cifar10: training images per class (default: 300)")
+    p.add_argument("overrides", nargs="*", help="extra overrides of recipes/tiny.yaml, e.g. train.epochs=5 (default: none)")
     args = p.parse_args()
 
     from PIL import Image

@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mmscale-bench-loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a task clip recipe")
-    p.add_argument("overrides", nargs="*", help="dotted recipe overrides")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. data.num_workers=2 (default: none)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time (default: 0 1 2)")
     p.add_argument("--batch", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--batches", type=int, default=10, help="timed batches per worker count, after one warm-up (default: 10)")

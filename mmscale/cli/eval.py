@@ -97,15 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", metavar="CHECKPOINT_OR_EXPORT",
                    help="an export folder, a run folder (its latest checkpoint), checkpoints/ or checkpoints/stepN")
     p.add_argument("--zeroshot", action="append", metavar="NAME=PATH",
-                   help="CIFAR pickles, PATH/test/<class>/*.jpg or PATH/<class>/*.jpg (classnames.txt optional)")
-    p.add_argument("--retrieval", action="append", metavar="NAME=CAPTIONS_JSON[,IMAGE_DIR]", help="COCO-format captions")
-    p.add_argument("--linear-probe", action="append", metavar="NAME=PATH", help="train split -> test split (or a held-out share)")
+                   help="zero-shot classification set: CIFAR pickles, PATH/test/<class>/*.jpg or PATH/<class>/*.jpg "
+                        "(classnames.txt optional); repeatable (default: none)")
+    p.add_argument("--retrieval", action="append", metavar="NAME=CAPTIONS_JSON[,IMAGE_DIR]",
+                   help="image-text retrieval set from COCO-format captions; repeatable (default: none)")
+    p.add_argument("--linear-probe", action="append", metavar="NAME=PATH",
+                   help="linear probe: logistic regression on image embeddings, train split -> test split "
+                        "(or a held-out share); repeatable (default: none)")
     p.add_argument("--templates", nargs="+", default=["cmla"],
-                   help="presets (cmla, cifar, openai_imagenet, simple_imagenet) and/or templates with {}")
-    p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
-    p.add_argument("--max-images", type=int, default=0, help="cap images per retrieval set (0 = all)")
-    p.add_argument("--retrieval-k", type=int, default=10, help="recall@k curve up to this k")
-    p.add_argument("--batch-size", type=int, default=256, help="images or captions per forward (default 256)")
+                   help="zero-shot prompt presets (cmla, cifar, openai_imagenet, simple_imagenet) and/or templates "
+                        "with {} (default: cmla)")
+    p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (default: 0 = all)")
+    p.add_argument("--max-images", type=int, default=0, help="cap images per retrieval set (default: 0 = all)")
+    p.add_argument("--retrieval-k", type=int, default=10, help="recall@k curve up to this k (default: 10)")
+    p.add_argument("--batch-size", type=int, default=256, help="images or captions per forward (default: 256)")
     p.add_argument("--out", help="output folder (default: <run>/eval, or eval/ next to the export)")
     args = p.parse_args(argv)
 

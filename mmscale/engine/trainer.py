@@ -22,7 +22,7 @@ from ..gradcache import grad_cache_step
 from ..tasks import Progress, Task
 from . import backend
 from .checkpoint import Checkpointer
-from .logger import MetricsLogger, ProgressBar
+from .logger import MetricsLogger
 from .schedule import EarlyStopping, Plateau, step_lr_lambda
 from .state import SkipCounter, StopSignals, TrainState
 
@@ -38,7 +38,7 @@ class Trainer:
         self.device = current_device()
         self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         self.run = RunDir(t.run_dir)
-        self.logger = task.logger = MetricsLogger(self.run.metrics, self.rank)
+        self.logger = task.logger = MetricsLogger.for_run(self.run, self.rank)  # + tensorboard/
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = task.build_model()
@@ -131,12 +131,12 @@ class Trainer:
         if t.resume and (path := self.checkpoints.resume()):
             self.logger.log({"event": "resumed", "step": self.state.step, "checkpoint": path})
         batches = iter(self.stream)
-        bar = ProgressBar(self.total_steps, self.state.step, self.rank == 0)
+        bar = self.logger.progress(self.total_steps, self.state.step)  # shows the logged records
         tic, seen = time.perf_counter(), 0
         while self.state.step < self.total_steps and not self.early.should_stop:
             loss, metrics = self.train_step(next(batches))
             seen += t.global_batch_size
-            bar.update(loss)
+            bar.step()
             step, last = self.state.step, self.state.step == self.total_steps
             if self._due(t.log_every) or last:
                 # task metrics stay tensors until here: no device sync on the steps not logged
