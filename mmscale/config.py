@@ -266,6 +266,8 @@ class TrainConfig:
     # a rank that stops answering (dead, hung, SIGSTOPped) makes the others exit after this many
     # seconds, naming it; also the timeout of every collective
     dist_timeout_s: int = 600
+    compile: bool = False  # torch.compile the towers (tools/bench.py measures what it buys)
+    compile_backend: str = "inductor"
 
 
 @dataclass

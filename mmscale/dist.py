@@ -11,6 +11,7 @@ process holding the whole batch. See mmscale/losses.py for the two ways the CLIP
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -30,9 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """Join the process group the launcher (deepspeed, torchrun, srun) describes, or make a
-    one-process group when run as plain `python`."""
+    one-process group when run as plain `python`. timeout_s bounds every collective."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     if dist.is_initialized():
@@ -43,7 +44,18 @@ def init_distributed() -> None:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), **kwargs)
+
+
+def store_client(timeout_s: float):
+    """A client of the launcher's rendezvous store (MASTER_ADDR:MASTER_PORT: the agent under
+    torchrun, rank 0 under env:// launches) with its own short timeout, so a thread can use it
+    while the main thread waits in a collective; None in one process."""
+    if rank_and_world()[1] == 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def current_device() -> torch.device:

@@ -12,6 +12,7 @@ sample: their cached gradient is pushed through once, with the first chunk.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -35,31 +36,43 @@ def split_batch(batch: dict, chunk: int) -> list[dict]:
     return [{k: v[i:i + chunk] for k, v in batch.items()} for i in range(0, n, chunk)]
 
 
+def _no_timer(phase: str):
+    return contextlib.nullcontext()
+
+
 def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], tuple],
                     batch: dict, chunk: int, backward: Callable[[torch.Tensor, bool], None],
-                    shared: Iterable[str] = ()) -> tuple[torch.Tensor, dict]:
+                    shared: Iterable[str] = (), timer=_no_timer) -> tuple[torch.Tensor, dict]:
     """One gradient-cached forward/backward; the caller steps the optimizer.
 
     forward(chunk_batch) -> dict of outputs; loss_fn(outputs) -> (loss, metrics) with no
     parameters of its own; backward(surrogate, is_last_chunk) runs the engine's backward.
+    timer(phase) is a context manager around the three phases (embed, loss, reforward_backward).
     """
     shared = set(shared)
     chunks = split_batch(batch, chunk)
     states, outs = [], []
-    with torch.no_grad():
+    with timer("embed"), torch.no_grad():
         for c in chunks:
             states.append(RngState())
             outs.append(forward(c))
 
-    leaves = {}
-    for k in outs[0]:
-        v = outs[0][k] if k in shared else torch.cat([o[k] for o in outs])
-        leaves[k] = v.detach().float().requires_grad_(True) if v.is_floating_point() else v
-    loss, metrics = loss_fn(leaves)
-    loss.backward()
-    cached = {k: v.grad if v.is_floating_point() else None for k, v in leaves.items()}
-    del outs, leaves
+    with timer("loss"):
+        leaves = {}
+        for k in outs[0]:
+            v = outs[0][k] if k in shared else torch.cat([o[k] for o in outs])
+            leaves[k] = v.detach().float().requires_grad_(True) if v.is_floating_point() else v
+        loss, metrics = loss_fn(leaves)
+        loss.backward()
+        cached = {k: v.grad if v.is_floating_point() else None for k, v in leaves.items()}
+        del outs, leaves
 
+    with timer("reforward_backward"):
+        _reforward_backward(forward, chunks, states, cached, chunk, shared, backward)
+    return loss.detach(), metrics
+
+
+def _reforward_backward(forward, chunks, states, cached, chunk, shared, backward) -> None:
     for i, (c, state) in enumerate(zip(chunks, states)):
         state.restore()
         out = forward(c)
@@ -74,4 +87,3 @@ def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], t
             else:
                 terms.append((v.float() * cached[k][rows]).sum())
         backward(torch.stack(terms).sum(), i == len(chunks) - 1)
-    return loss.detach(), metrics

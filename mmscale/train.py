@@ -3,8 +3,10 @@
 Runs under the deepspeed launcher, torchrun, srun or plain python (one process); also installed
 as `mmscale-train`. The recipe's task (clip, classify, cbmf) decides what is trained; the run
 folder (train.run_dir) gets config.yaml, metrics.jsonl, checkpoints/, export/ and results.json.
-Rerunning the same command resumes from checkpoints/latest. Exit codes: 0 done, 2 bad recipe
-(one line naming the key), 75 stopped by SIGTERM/SIGUSR1 at a checkpoint (rerun to continue).
+Rerunning the same command resumes from checkpoints/latest, on any number of ranks. Exit codes:
+0 done; 1 training failed (e.g. train.max_nonfinite_steps non-finite steps in a row); 2 bad recipe
+(one line naming the key); 69 another rank died or hung for train.dist_timeout_s (nothing saved);
+75 stopped by SIGTERM/SIGUSR1 at a checkpoint. After 1, 69 or 75, rerun to continue.
 """
 from __future__ import annotations
 
@@ -25,20 +27,28 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     from mmscale.config import ConfigError, load_config
+
+    def error(kind: str, e: Exception, code: int) -> int:
+        if os.environ.get("RANK", "0") == "0":  # one line, once
+            print(f"mmscale: {kind}: {e}", file=sys.stderr)
+        return code
+
     try:
         cfg = load_config(args.recipe, args.overrides)
-        from mmscale.engine import Trainer
-        from mmscale.tasks import build_task
+    except ConfigError as e:  # before anything heavy is imported: a bad recipe fails in a second
+        return error("config error", e, 2)
+    from mmscale.engine import PREEMPTED_EXIT, Trainer, TrainingError
+    from mmscale.tasks import build_task
+    try:
         trainer = Trainer(cfg, build_task(cfg))
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"mmscale: config error: {e}", file=sys.stderr)
-        return 2
-    results = trainer.fit()
+        results = trainer.fit()
+    except ConfigError as e:  # what only the data or the world size reveal
+        return error("config error", e, 2)
+    except TrainingError as e:
+        return error("error", e, 1)
     if trainer.rank == 0:
         print(json.dumps(results))
     if results.get("preempted"):
-        from mmscale.engine import PREEMPTED_EXIT
         return PREEMPTED_EXIT
     return 0
 

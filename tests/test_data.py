@@ -28,13 +28,47 @@ def test_ranks_partition_each_epoch_and_resume_exactly():
     epoch0 = [take(s, 6) for s in ranks]
     seen = [i for r in epoch0 for b in r for i in b]
     assert len(seen) == len(set(seen)) == 48
-    assert ranks[0].state_dict() == {"epoch": 1, "step": 0}
+    assert ranks[0].state_dict() == {"epoch": 1, "step": 0, "global_batch": 8}
     # a new stream restored at (epoch 0, step 2) yields what the original yielded from there
     again = BatchStream(Items(), collate, global_batch=8, rank=1, world=2, seed=3)
     again.load_state_dict({"epoch": 0, "step": 2})
     assert take(again, 4) == epoch0[1][2:]
     # the next epoch is a different permutation
     assert take(ranks[0], 1)[0] != epoch0[0][0]
+
+
+def test_another_world_resplits_the_same_global_batches():
+    """A checkpoint written by 2 ranks, resumed by 1, then by 4: every step covers exactly the
+    samples of the uninterrupted run's step (re-split over the new ranks), so no sample of the
+    epoch is seen twice or skipped."""
+    collate = lambda items: list(items)
+
+    def world(n, state=None, steps=2):
+        streams = [BatchStream(Items(), collate, global_batch=8, rank=r, world=n, seed=3) for r in range(n)]
+        for s in streams:
+            if state:
+                s.load_state_dict(state)
+        per_rank = [take(s, steps) for s in streams]
+        return [sorted(i for r in per_rank for i in r[k]) for k in range(steps)], streams[0].state_dict()
+
+    whole, _ = world(1, steps=6)
+    a, state = world(2)
+    b, state = world(1, state)
+    c, state = world(4, state)
+    assert a + b + c == whole and state == {"epoch": 1, "step": 0, "global_batch": 8}
+    seen = [i for batch in a + b + c for i in batch]
+    assert len(seen) == len(set(seen)) == 48
+    # another global batch: at the same sample if a step starts there, else a one-line error
+    half = BatchStream(Items(), collate, global_batch=4, rank=0, world=1, seed=3)
+    half.load_state_dict({"epoch": 0, "step": 3, "global_batch": 8})
+    assert half.state_dict() == {"epoch": 0, "step": 6, "global_batch": 4}
+    first, second = take(half, 2)
+    assert sorted(first + second) == whole[3]
+    import pytest
+    from mmscale.config import ConfigError
+    with pytest.raises(ConfigError, match="24 samples into epoch 0 with batches of 8; 16 does not divide"):
+        BatchStream(Items(), collate, global_batch=16, rank=0, world=1, seed=3).load_state_dict(
+            {"epoch": 0, "step": 3, "global_batch": 8})
 
 
 def test_digits_captions_and_augmentation_are_keyed():

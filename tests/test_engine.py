@@ -112,6 +112,175 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
         assert skipped[-1] >= 1 and skipped == sorted(skipped)
 
 
+NO_DROPOUT = ("model.text.config_overrides={num_hidden_layers: 2, hidden_size: 96, num_attention_heads: 3, "
+              "intermediate_size: 192, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}")
+
+
+WORLD_CHANGE = ["optim.schedule=constant", "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false",
+                NO_DROPOUT]  # dropout masks are drawn per rank: 2 ranks != 1 with dropout
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("world") / "ref")
+    finish(launch(ref, *WORLD_CHANGE, "train.steps=9", ranks=1))
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_another_number_of_ranks(stage, one_rank_reference, tmp_path):
+    """2 ranks -> 1 rank -> 2 ranks, ZeRO 1/2/3: the engine converts each checkpoint written by the
+    other world to DeepSpeed's universal format and loads it, the stream re-splits the same global
+    batches over the new ranks, and losses and weights follow an uninterrupted one-rank run.
+    Tolerance: float32 noise of another reduction order (2 ranks average gradients over an
+    all-reduce), which Adam turns into up to lr-sized steps where a gradient is near zero: 1e-5
+    relative on the losses, 1e-4 absolute on the weights after 9 steps (uninterrupted 1-rank and
+    2-rank runs of this recipe differ by 6e-5). Dropping the optimizer moments or a batch on resume
+    moves the losses by ~1e-2."""
+    ref, cut = one_rank_reference, str(tmp_path / "cut")
+    for ranks, steps in ((2, 3), (1, 6), (2, 9)):
+        out = finish(launch(cut, *WORLD_CHANGE, f"train.zero_stage={stage}", f"train.steps={steps}", ranks=ranks))
+        if steps > 3:
+            assert f"was written by {3 - ranks} ranks, this run has {ranks}" in out
+    a, b = step_losses(ref), step_losses(cut)
+    assert sorted(b) == list(range(1, 10))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+    resumed = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl")) if '"resumed"' in l]
+    assert [r["step"] for r in resumed] == [3, 6]
+    wa = load_file(os.path.join(ref, "export", "model.safetensors"))
+    wb = load_file(os.path.join(cut, "export", "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), (k, (wa[k] - wb[k]).abs().max())
+    assert not [d for d in os.listdir(os.path.join(cut, "checkpoints")) if "universal" in d]  # cleaned up
+
+
+def launch_ranks(run_dir, *overrides, world=2):
+    """One process per rank with the launcher's environment (as srun or the deepspeed launcher set
+    it), no torchrun agent in between: what a rank does when a peer vanishes is its own doing."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen([PY, "mmscale/train.py", "recipes/tiny.yaml", f"train.run_dir={run_dir}",
+                                       *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_a_lost_rank_does_not_hang_the_others(how, tmp_path):
+    """Rank 1 hangs (SIGSTOP) or dies (kill -9) mid-run: rank 0 exits within train.dist_timeout_s
+    with one line naming rank 1 and code 69, writing nothing; rerunning resumes from latest and
+    recomputes the steps the lost run had logged past it to the same losses."""
+    from mmscale.engine import LOST_RANK_EXIT
+    run_dir = str(tmp_path / "run")
+    over = ["train.steps=12", "train.checkpoint_every=4", "train.log_every=1", "train.dist_timeout_s=10"]
+    procs = launch_ranks(run_dir, *over)
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    deadline = time.time() + 240
+    while not os.path.exists(latest) and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    tic = time.time()
+    os.kill(procs[1].pid, getattr(signal, how))
+    out, _ = procs[0].communicate(timeout=60)
+    took = time.time() - tic
+    procs[1].kill()
+    procs[1].wait()
+    assert procs[0].returncode == LOST_RANK_EXIT, out[-2000:]
+    assert took < 10 + 5  # the timeout, a heartbeat, and the process's exit
+    line = [l for l in out.splitlines() if l.startswith("mmscale: rank 0:")]
+    assert len(line) == 1 and "rank 1 stopped answering" in line[0], out[-2000:]
+    assert not os.path.exists(os.path.join(run_dir, "results.json"))
+    tag = open(latest).read()
+    before = step_losses(run_dir)
+    if how == "SIGKILL":
+        return
+    finish(launch(run_dir, *over))  # torchrun, 2 ranks: the same command as a restart would run
+    resumed = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"resumed"' in l]
+    assert [f"step{r['step']:08d}" for r in resumed] == [tag]
+    after = step_losses(run_dir)
+    assert sorted(after) == list(range(1, 13)) and max(before) > resumed[0]["step"]
+    redone = [s for s in before if s > resumed[0]["step"]]
+    log = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in l]
+    first_run = {r["step"]: r["loss"] for r in log[:len(before)]}
+    for s in redone:
+        assert after[s] == pytest.approx(first_run[s], rel=1e-6), s
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    """lr 1e4 makes every gradient after the first step infinite: each such step is skipped (the
+    weights do not move), counted and logged; the third in a row ends the run with one line and
+    exit 1, and checkpoints/latest is a complete checkpoint with finite weights. ZeRO-2: the
+    optimizer's own overflow check."""
+    from mmscale.export import checkpoint_state_dict
+    run_dir = str(tmp_path / "run")
+    proc = launch(run_dir, "optim.lr=1e4", "optim.warmup_steps=0", "train.steps=30", "train.log_every=1",
+                  "train.checkpoint_every=1", "train.max_nonfinite_steps=3", "train.export=false", ranks=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-2000:]
+    errors = [l for l in out.splitlines() if l.startswith("mmscale: error:")]
+    assert len(errors) == 1 and "3 steps in a row (up to step 4)" in errors[0] and "step00000003" in errors[0]
+    records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    events = [r for r in records if r.get("event") == "nonfinite"]
+    assert [(e["step"], e["in_a_row"], e["update"]) for e in events] == [(2, 1, "skipped"), (3, 2, "skipped"),
+                                                                         (4, 3, "skipped")]
+    assert all("gradients" in e["terms"] for e in events)
+    assert [r["nonfinite_steps"] for r in records if "loss" in r] == [0, 1, 2]
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read() == "step00000003"
+    two, three = (checkpoint_state_dict(ckpt, f"step0000000{i}", 2) for i in (2, 3))
+    for k in three:  # a skipped step leaves the weights as they were
+        assert torch.isfinite(three[k]).all() and torch.equal(two[k], three[k]), k
+
+
+@pytest.mark.slow
+def test_a_nonfinite_batch_is_skipped_and_training_goes_on(tmp_path):
+    """One training row past float32's range (inf once loaded, NaN after the first layer): the step of the batch holding it is
+    skipped and counted (ZeRO 0, where the engine checks the gradients itself), the loss terms
+    that were not finite are named, and training finishes with finite weights."""
+    import numpy as np
+    from test_finetune import views_config, write_views
+    root = write_views(str(tmp_path / "v"))
+    x = np.loadtxt(os.path.join(root, "1_tr.csv"), delimiter=",")
+    x[7] = 1e39
+    np.savetxt(os.path.join(root, "1_tr.csv"), x, delimiter=",")
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.Popen([PY, "mmscale/train.py", "recipes/concat_rosmap.yaml", f"train.run_dir={run_dir}",
+                             *views_config(root, "train.global_batch_size=20", "train.steps=9", "train.log_every=1",
+                                           "train.zero_stage=0", "train.eval_every=0", "data.normalize=none")],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    finish(proc)
+    records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    events = [r for r in records if r.get("event") == "nonfinite"]
+    assert len(events) == 3  # 60 rows in batches of 20: the row comes up once in each of 3 epochs
+    assert all({"loss", "loss_fused", "gradients"} <= set(e["terms"]) and e["update"] == "skipped" for e in events)
+    assert [r["nonfinite_steps"] for r in records if "loss" in r][-1] == 3
+    weights = load_file(os.path.join(run_dir, "export", "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.slow
+def test_a_learnt_temperature_is_clamped_in_the_optimizer(tmp_path):
+    """ZeRO-2, bf16: the fp32 master copy of log(1/tau) lives in the optimizer's partition. A value
+    started above CLIP's clamp (1/tau <= 100) has a zero gradient through the forward's clamp, so
+    only clamping the master copy brings it to the bound, from where gradients flow again."""
+    import math
+    from mmscale.export import checkpoint_state_dict
+    run_dir = str(tmp_path / "run")
+    finish(launch(run_dir, "model.learn_temperature=true", "model.temperature=0.0099", "train.precision=bf16",
+                  "train.zero_stage=2", "train.steps=3", "train.eval_every=0", "eval.zeroshot=false", ranks=1))
+    master = checkpoint_state_dict(os.path.join(run_dir, "checkpoints"), "step00000003", 2)["logit_scale.log_value"]
+    assert math.log(1 / 0.0099) > math.log(100)
+    assert master.item() <= math.log(100) + 1e-6 and master.item() > math.log(100) - 0.05
+
+
 OPEN_CLIP_TINY = ("{model_cfg: {embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 64, head_width: 32, "
                   "patch_size: 8}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 1}}}")
 

@@ -25,7 +25,7 @@ class Collate:
 
     def __call__(self, items) -> dict:
         images, captions, labels, skipped = zip(*items)
-        batch = {"label": torch.tensor(labels), "skipped": torch.tensor(sum(skipped))}
+        batch = {"label": torch.tensor(labels), "skipped": sum(skipped)}  # a count for the log, not a tensor
         if self.image_key is not None:
             batch[self.image_key] = torch.stack(images)
         if self.text_prefix is not None:
@@ -45,16 +45,27 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class _Position:
-    """(epoch, step) of the next batch: what a checkpoint saves of a stream."""
+    """(epoch, step) of the next batch: what a checkpoint saves of a stream. The position does not
+    depend on the number of ranks (each step is one global batch, split over whoever runs it); a
+    resume with another global batch size continues at the same sample when it can."""
 
     epoch = step = 0
     steps_per_epoch: int
+    global_batch: int
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+        return {"epoch": self.epoch, "step": self.step, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        saved = int(state.get("global_batch", self.global_batch))
+        if saved != self.global_batch:
+            done = self.step * saved
+            if done % self.global_batch:
+                raise ConfigError(f"train.global_batch_size: the checkpoint stopped {done} samples into epoch "
+                                  f"{self.epoch} with batches of {saved}; {self.global_batch} does not divide {done}, "
+                                  f"so no step starts there: resume with {saved} (or train.resume=false)")
+            self.step = done // self.global_batch
 
     def _advance(self) -> None:
         # before the batch is yielded: a checkpoint taken after it resumes at the next one
@@ -85,9 +96,10 @@ class BatchStream(_Position):
         while True:
             epoch, first = self.epoch, self.step
             batches = [self.local_indices(epoch, s) for s in range(first, self.steps_per_epoch)]
+            # pinned host memory: the trainer's non_blocking copy to the GPU then overlaps compute
             loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
                                 num_workers=self.num_workers, persistent_workers=False,
-                                worker_init_fn=ignore_stop_signals)
+                                worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
             for batch in loader:
                 self._advance()
                 yield batch
@@ -106,7 +118,7 @@ class ShardStream(_Position):
     def __init__(self, urls: str, num_samples: int, transform, collate, global_batch: int, rank: int,
                  world: int, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 5000):
         self.urls, self.transform, self.collate = urls, transform, collate
-        self.local_batch, self.rank, self.seed = global_batch // world, rank, seed
+        self.global_batch, self.local_batch, self.rank, self.seed = global_batch, global_batch // world, rank, seed
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.steps_per_epoch = num_samples // global_batch
         if self.steps_per_epoch == 0:
@@ -128,7 +140,7 @@ class ShardStream(_Position):
     def __iter__(self):
         import webdataset as wds
         loader = wds.WebLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers,
-                               worker_init_fn=ignore_stop_signals)
+                               worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
         for batch in loader:
             self._advance()
             yield batch

@@ -6,16 +6,12 @@ import torch
 from ..config import Config
 
 
-def deepspeed_config(cfg: Config, local_batch: int) -> dict:
+def deepspeed_config(cfg: Config, local_batch: int, load_universal: bool = False) -> dict:
     o, t = cfg.optim, cfg.train
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": local_batch,
         "gradient_accumulation_steps": 1,  # gradient-cache chunks mark the boundary themselves
-        "optimizer": {"type": "Adam", "params": {
-            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-            "adam_w_mode": o.name == "adamw",  # DeepSpeed's "Adam" is AdamW unless told otherwise
-            "torch_adam": True}},
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10 ** 9,
@@ -23,16 +19,30 @@ def deepspeed_config(cfg: Config, local_batch: int) -> dict:
     }
     if o.grad_clip > 0:
         ds["gradient_clipping"] = o.grad_clip
+    if load_universal:  # resuming a checkpoint written by another number of ranks (engine/checkpoint.py)
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
-def initialize(model: torch.nn.Module, cfg: Config, local_batch: int, lr_lambda=None):
+def optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """torch's Adam (L2 weight decay) or AdamW (decoupled), the fused kernel on CUDA (one launch
+    for all parameters), the default elsewhere. DeepSpeed's ZeRO wraps it as it is."""
+    o = cfg.optim
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+               fused=True if device.type == "cuda" else None)
+
+
+def initialize(model: torch.nn.Module, cfg: Config, local_batch: int, lr_lambda=None, load_universal: bool = False):
     """The DeepSpeed engine over the model's trainable parameters; lr_lambda (step -> factor) is
     stepped by DeepSpeed after every optimizer step, None leaves the LR to the caller."""
     import deepspeed
+    from ..dist import current_device
+    params = [p for p in model.parameters() if p.requires_grad]
     scheduler = None if lr_lambda is None else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, local_batch), lr_scheduler=scheduler)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(params, cfg, current_device()),
+                                      config=deepspeed_config(cfg, local_batch, load_universal),
+                                      lr_scheduler=scheduler)
     return engine
 
 

@@ -1,32 +1,66 @@
-"""Small pieces of training state the engine checkpoints (each has state_dict/load_state_dict)."""
+"""Small pieces of training state the engine checkpoints (each has state_dict/load_state_dict),
+and the stop signals."""
 from __future__ import annotations
 
 import signal
 
-from ..dist import all_reduce_sum, any_rank, rank_and_world
+import torch
+import torch.distributed as dist
+
+from ..dist import all_reduce_sum, rank_and_world
 
 
 class TrainState:
-    """The step, and the mean training loss since the last evaluation (train/loss)."""
+    """The step; the mean training loss since the last evaluation (train/loss); the steps whose
+    loss or gradients were not finite, in all and in a row. Losses are summed on the device, so
+    a step adds nothing to read back; the sums come to the host at logs, evaluations and saves."""
 
-    def __init__(self):
+    def __init__(self, device):
         self.step = 0
-        self.loss_sum, self.loss_steps = 0.0, 0
+        self.loss_sum = torch.zeros((), device=device)  # this rank's finite losses since the last evaluation
+        self.loss_steps = 0
+        self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=device)  # applied steps, loss not finite
+        self.nonfinite, self.nonfinite_run = 0, 0  # skipped steps (known on the host when they happen)
 
-    def add_loss(self, loss: float) -> None:
-        self.loss_sum, self.loss_steps = self.loss_sum + loss, self.loss_steps + 1
+    def add_loss(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.float(), 0.0)
+        self.nonfinite_losses += (~finite).long()
+        self.loss_steps += 1
+        self.nonfinite_run = 0
+
+    def count_nonfinite(self) -> int:
+        """Counts a skipped step; returns how many came in a row."""
+        self.nonfinite, self.nonfinite_run = self.nonfinite + 1, self.nonfinite_run + 1
+        return self.nonfinite_run
+
+    def nonfinite_total(self) -> int:
+        return self.nonfinite + int(self.nonfinite_losses)
+
+    @staticmethod
+    def global_mean(value: torch.Tensor) -> float:
+        """The mean over ranks of a per-rank value (the local-loss variant differs per rank); a
+        collective, every rank calls it."""
+        return all_reduce_sum(float(value)) / rank_and_world()[1]
 
     def pop_mean_loss(self) -> dict:
-        """{"train/loss": mean since the last call} (empty if no step ran since)."""
-        out = {"train/loss": self.loss_sum / self.loss_steps} if self.loss_steps else {}
-        self.loss_sum, self.loss_steps = 0.0, 0
+        """{"train/loss": mean over ranks and steps since the last call}; a collective."""
+        total = self.global_mean(self.loss_sum)
+        out = {"train/loss": total / self.loss_steps} if self.loss_steps else {}
+        self.loss_sum.zero_()
+        self.loss_steps = 0
         return out
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "loss_sum": self.loss_sum, "loss_steps": self.loss_steps}
+        """Rank-independent (the loss sum is averaged over ranks); a collective."""
+        return {"step": self.step, "loss_sum": self.global_mean(self.loss_sum), "loss_steps": self.loss_steps,
+                "nonfinite": self.nonfinite_total(), "nonfinite_run": self.nonfinite_run}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.loss_sum, self.loss_steps = state["step"], state["loss_sum"], state["loss_steps"]
+        self.step, self.loss_steps = state["step"], state["loss_steps"]
+        self.loss_sum.fill_(state["loss_sum"])  # every rank holds the mean: averaging it again gives it back
+        self.nonfinite, self.nonfinite_run = state["nonfinite"], state["nonfinite_run"]
+        self.nonfinite_losses.zero_()
 
 
 class SkipCounter:
@@ -55,16 +89,33 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm: preemption/scancel/req
 
 class StopSignals:
     """SIGTERM / SIGUSR1 only set a flag: the step in flight (and its collectives) finishes,
-    then every rank checkpoints together at the same step boundary."""
+    then every rank checkpoints together at the same step boundary.
 
-    def __init__(self, device):
-        self.device, self.received = device, 0
+    The ranks agree through a CPU (gloo) group of their own, without waiting: each call to
+    requested() collects the all-reduce the previous call started and starts the next one, so
+    every rank learns of a signal at the same step, one step after it arrived, and the device is
+    never synchronised for it."""
+
+    def __init__(self):
+        self.received = 0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        self.group = dist.new_group(backend="gloo") if rank_and_world()[1] > 1 else None
+        self.pending = None  # (work, flag) of the all-reduce in flight
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
     def requested(self) -> bool:
-        """True on every rank once any rank got a stop signal (a collective)."""
-        return any_rank(bool(self.received), self.device)
+        """True on every rank once any rank got a stop signal (every rank calls it every step)."""
+        if self.group is None:
+            return bool(self.received)
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())  # a CPU tensor: the host's own value, no device wait
+        flag = torch.tensor([self.received])
+        flag._mmscale_host = True  # tools/bench.py's sync count: a host value, not a device wait
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop

@@ -4,34 +4,40 @@
                    optimizer step, log, evaluate, checkpoint, stop on a signal.
 
 Tasks supply the model, data, forward, loss and evaluation (mmscale/tasks); DeepSpeed holds
-the model, optimizer and LR schedule (backend.py); everything a resumed run needs is
-registered with the Checkpointer (checkpoint.py).
+the model, optimizer and LR schedule (backend.py); one step is step.py; everything a resumed
+run needs is registered with the Checkpointer (checkpoint.py). The loop reads values back from
+the device only on the steps it logs.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..config import Config, check_world, save_config
 from ..dist import barrier, current_device, init_distributed, rank_and_world
 from ..export import save_export
 from ..files import RunDir, atomic_write_json
-from ..gradcache import grad_cache_step
 from ..tasks import Progress, Task
 from . import backend
 from .checkpoint import Checkpointer
 from .logger import MetricsLogger
 from .schedule import EarlyStopping, Plateau, step_lr_lambda
 from .state import SkipCounter, StopSignals, TrainState
+from .step import StepResult, TrainStep
+from .watchdog import RankWatchdog
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped at a checkpoint on a signal; rerun the same command to continue
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row): one line for the user."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, task: Task):
-        init_distributed()
+        init_distributed(cfg.train.dist_timeout_s)
         self.cfg, self.task, t = cfg, task, cfg.train
         self.rank, self.world = rank_and_world()
         self.local_batch, self.chunk = check_world(cfg, self.world)
@@ -44,58 +50,72 @@ class Trainer:
         model = task.build_model()
         if self.rank == 0:  # after build_model: the task has filled in what the data decides
             save_config(cfg, self.run.config)
+        if t.compile:
+            for tower in model.named_towers().values():
+                tower.compile(backend=t.compile_backend)
         self.stream = task.train_stream(model, self.rank, self.world)
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.stream.steps_per_epoch
-        self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps))
+        self.checkpoints = Checkpointer(self.run, t.keep_checkpoints)
+        universal = t.resume and self.checkpoints.prepare_resume(self.world)
+        self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps),
+                                         load_universal=universal)
+        self.checkpoints.attach(self.engine)
+        self.step_fn = TrainStep(self.engine, task, self.local_batch, self.chunk)
 
-        self.state, self.skipped = TrainState(), SkipCounter(self.device)
+        self.state, self.skipped = TrainState(self.device), SkipCounter(self.device)
         self.early = EarlyStopping(t.early_stopping)
         self.plateau = Plateau(cfg.optim.plateau, backend.base_optimizer(self.engine)) \
             if cfg.optim.schedule == "plateau" else None
-        self.checkpoints = Checkpointer(self.run, self.engine, t.keep_checkpoints)
         for name, obj in (("train", self.state), ("data", self.stream), ("skipped", self.skipped),
                           ("early_stopping", self.early), ("plateau", self.plateau)):
             if obj is not None:
                 self.checkpoints.register(name, obj)
-        self.stop = StopSignals(self.device)
+        self.stop = StopSignals()
         self.last_eval = (-1, {})  # (step, metrics) of the latest evaluation
+        self.watchdog = RankWatchdog(self.rank, self.world, t.dist_timeout_s,
+                                     on_lost=lambda line: self.logger.log({"event": "rank_lost", "message": line}))
 
     # ------------------------------------------------------------ one step
 
     def to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, self.dtype if v.is_floating_point() else None, non_blocking=True))
-                for k, v in batch.items()}
+        return {k: v.to(self.device, self.dtype if v.is_floating_point() else None, non_blocking=True)
+                if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _backward(self, surrogate: torch.Tensor, last: bool) -> None:
-        self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(surrogate)
-
-    def forward_backward(self, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict]:
-        """Gradients of the task loss over the whole local batch, accumulated in the engine."""
-        def forward(b):
-            return self.task.forward(self.engine, b, progress)
-
-        def loss_fn(out):
-            return self.task.loss(out, batch, progress)
-        if self.chunk < self.local_batch:
-            return grad_cache_step(forward, loss_fn, batch, self.chunk, self._backward,
-                                   shared=self.task.shared_outputs)
-        loss, metrics = loss_fn(forward(batch))
-        self._backward(loss, True)
-        return loss.detach(), metrics
-
-    def train_step(self, batch: dict) -> tuple[float, dict]:
+    def train_step(self, batch: dict) -> StepResult:
         # per-step seeding keeps dropout/augmentation/mixup identical across a resume
         torch.manual_seed(hash((self.cfg.train.seed, self.state.step, self.rank)) % 2 ** 62)
         self.skipped.add(int(batch.pop("skipped", 0)))
-        loss, metrics = self.forward_backward(self.to_device(batch), Progress(self.state.step, self.total_steps))
-        self.engine.step()
+        result = self.step_fn(self.to_device(batch), Progress(self.state.step, self.total_steps))
         self.state.step += 1
-        loss = loss.float().clone()
-        dist.all_reduce(loss)  # the local-loss variant differs per rank; log the global mean
-        loss = loss.item() / self.world
-        self.state.add_loss(loss)
-        return loss, metrics
+        if result.applied:
+            self.state.add_loss(result.loss)  # on the device: nothing read back
+        else:
+            self.nonfinite_step(result)
+        return result
+
+    def nonfinite_step(self, result: StepResult) -> None:
+        """A step whose gradients were not finite (no weight changed): counted, logged with the
+        loss terms that were not finite; after train.max_nonfinite_steps in a row, training stops
+        (nothing is saved, so checkpoints/latest stays the last complete checkpoint). Its values
+        are read here: the optimizer's own check already waited for them."""
+        terms = [k for k, v in {"loss": result.loss, **result.metrics}.items() if not math.isfinite(float(v))]
+        run = self.state.count_nonfinite()
+        self.logger.log({"event": "nonfinite", "step": self.state.step, "terms": terms + ["gradients"],
+                         "in_a_row": run, "update": "skipped"})
+        limit = self.cfg.train.max_nonfinite_steps
+        if run >= limit:
+            raise TrainingError(
+                f"{run} steps in a row (up to step {self.state.step}) had non-finite gradients "
+                f"({', '.join(terms + ['gradients'])}), train.max_nonfinite_steps={limit}; checkpoints/latest is the "
+                f"last complete checkpoint ({self.checkpoints.latest() or 'none'}): lower optim.lr, set "
+                f"optim.grad_clip, or check the data, then rerun")
+
+    def step_record(self, result: StepResult, seconds: float, samples: int) -> dict:
+        """What a logged step reports; the one place a step's values come back to the host."""
+        return {"step": self.state.step, "epoch": self.stream.epoch,
+                "loss": self.state.global_mean(result.loss), "lr": self.engine.get_lr()[0],
+                **{k: float(v) for k, v in result.metrics.items()}, "samples_per_s": samples / seconds,
+                "skipped_samples": self.skipped.total(), "nonfinite_steps": self.state.nonfinite_total()}
 
     # ------------------------------------------------------------ evaluation and export
 
@@ -127,6 +147,18 @@ class Trainer:
         return every > 0 and self.state.step % every == 0
 
     def fit(self) -> dict:
+        self.watchdog.start()
+        try:
+            return self._fit()
+        except TrainingError:
+            raise
+        except RuntimeError as e:  # a collective failed: name the rank that is gone, if one is
+            self.watchdog.explain(e)
+            raise
+        finally:
+            self.watchdog.stop()
+
+    def _fit(self) -> dict:
         t = self.cfg.train
         if t.resume and (path := self.checkpoints.resume()):
             self.logger.log({"event": "resumed", "step": self.state.step, "checkpoint": path})
@@ -134,16 +166,12 @@ class Trainer:
         bar = self.logger.progress(self.total_steps, self.state.step)  # shows the logged records
         tic, seen = time.perf_counter(), 0
         while self.state.step < self.total_steps and not self.early.should_stop:
-            loss, metrics = self.train_step(next(batches))
+            result = self.train_step(next(batches))
             seen += t.global_batch_size
             bar.step()
             step, last = self.state.step, self.state.step == self.total_steps
             if self._due(t.log_every) or last:
-                # task metrics stay tensors until here: no device sync on the steps not logged
-                self.logger.log({"step": step, "epoch": self.stream.epoch, "loss": loss,
-                                 "lr": self.engine.get_lr()[0], **{k: float(v) for k, v in metrics.items()},
-                                 "samples_per_s": seen / (time.perf_counter() - tic),
-                                 "skipped_samples": self.skipped.total()})
+                self.logger.log(self.step_record(result, time.perf_counter() - tic, seen))
                 tic, seen = time.perf_counter(), 0
             if last:
                 break
@@ -153,7 +181,7 @@ class Trainer:
                 self.evaluate()
             if self._due(t.checkpoint_every):
                 self.checkpoints.save(step)
-            if self.stop.requested():
+            if self.stop.requested():  # every rank got the same answer, a step after the signal
                 bar.close()
                 self.checkpoints.save(step)
                 self.logger.log({"event": "preempted", "step": step, "signal": self.stop.received})

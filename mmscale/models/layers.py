@@ -40,6 +40,12 @@ class LogitScale(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.log_value.clamp(max=self.MAX).exp()
 
+    def parameter_bounds(self) -> dict:
+        """{parameter: (low, high)}: the trainer clamps the optimizer's copy there after every
+        step (as open_clip clamps logit_scale), so a learnt value never sits above the clamp with
+        a zero gradient."""
+        return {self.log_value: (None, self.MAX)} if isinstance(self.log_value, nn.Parameter) else {}
+
 
 def mix(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """lambda_i x_i + (1 - lambda_i) x_perm(i), lambda broadcast over the trailing dims."""

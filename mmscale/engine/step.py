@@ -1,0 +1,98 @@
+"""One training step on the DeepSpeed engine: forward and backward over this rank's batch (whole,
+or gradient-cached chunk by chunk), then the optimizer step unless the gradients are not finite.
+
+Nothing is read back to the host: the loss and the task's metrics stay device tensors, so a step
+that is not logged never waits for the device. The one exception is the non-finite check on a
+bare torch optimizer (ZeRO 0 in fp32), which has to know before it steps; under ZeRO 1-3 and
+DeepSpeed's bf16 optimizer that check is DeepSpeed's own (and so is its wait).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..gradcache import grad_cache_step
+
+
+class NoTimer:
+    """The phase timer the trainer runs with: it times nothing (tools/bench.py puts in one that does)."""
+
+    def __call__(self, phase: str):
+        return contextlib.nullcontext()
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's loss, a device scalar
+    metrics: dict  # the task's metrics, device scalars
+    applied: bool  # False: the gradients were not finite and no weight changed
+
+
+class TrainStep:
+    def __init__(self, engine, task, local_batch: int, chunk: int, timer=None):
+        self.engine, self.task = engine, task
+        self.local_batch, self.chunk = local_batch, chunk
+        self.timer = timer or NoTimer()
+        # ZeRO 1-3 (and DeepSpeed's bf16 optimizer) skip a step whose gradients are not finite by
+        # themselves; on a bare torch optimizer (ZeRO 0, fp32) this step checks before stepping
+        self.checks_grads = not hasattr(engine.optimizer, "overflow")
+        self.bounds = [(p, lo, hi) for m in engine.module.modules() if hasattr(m, "parameter_bounds")
+                       for p, (lo, hi) in m.parameter_bounds().items()]
+
+    def __call__(self, batch: dict, progress) -> StepResult:
+        loss, metrics = self.forward_backward(batch, progress)
+        with self.timer("optimizer"):
+            applied = self.optimizer_step()
+        return StepResult(loss, metrics, applied)
+
+    def _backward(self, surrogate: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(surrogate)
+
+    def forward_backward(self, batch: dict, progress) -> tuple[torch.Tensor, dict]:
+        """Gradients of the task loss over the whole local batch, accumulated in the engine."""
+        def forward(b):
+            return self.task.forward(self.engine, b, progress)
+
+        def loss_fn(out):
+            return self.task.loss(out, batch, progress)
+        if self.chunk < self.local_batch:
+            return grad_cache_step(forward, loss_fn, batch, self.chunk, self._backward,
+                                   shared=self.task.shared_outputs, timer=self.timer)
+        with self.timer("forward"):
+            out = forward(batch)
+        with self.timer("loss"):
+            loss, metrics = loss_fn(out)
+        with self.timer("backward"):
+            self._backward(loss, True)
+        return loss.detach(), metrics
+
+    def optimizer_step(self) -> bool:
+        """One optimizer step, unless the gradients are not finite; True if the weights changed."""
+        if self.checks_grads:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+                self.engine.zero_grad()
+                return False
+        self.engine.step()
+        if not self.engine.was_step_applied():
+            return False
+        self.clamp_to_bounds()
+        return True
+
+    def clamp_to_bounds(self) -> None:
+        """Parameters with bounds (a learnt temperature) are clamped where the optimizer keeps its
+        master copy (the fp32 partition under ZeRO / bf16), and in the module's own copy, so the
+        value the forward sees and the one the optimizer updates agree and gradients keep flowing."""
+        if not self.bounds:
+            return
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        for p, lo, hi in self.bounds:
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                safe_set_full_fp32_param(p, master.clamp(lo, hi))
+            if p.numel():  # ZeRO-3 keeps only a partition, the forward then clamps
+                with torch.no_grad():
+                    p.clamp_(lo, hi)
