@@ -1,0 +1,46 @@
+"""tools/bench.py (mmscale-bench): a short CPU run of the recipe's real step, and of open_clip's
+trainer beside it. The numbers belong in docs/PERFORMANCE.md; here only that they come out, with
+every field, and that mmscale's own loop reads nothing back from the device on a step it does
+not log."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PY, ROOT
+
+BENCH = os.path.join(os.path.dirname(PY), "mmscale-bench")
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([BENCH, "recipes/tiny.yaml", *args, "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "samples/s" in r.stdout and "host syncs/step" in r.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_measures_the_gradient_cached_step(tmp_path):
+    r = bench(tmp_path, "--synthetic", "--warmup", "1", "--steps", "2", "--split-steps", "1")
+    assert r["grad_cache_chunk"] == 16 and r["global_batch"] == 64 and r["samples_per_s"] > 0
+    assert {"embed", "loss", "reforward_backward", "optimizer", "data_wait"} <= set(r["split_s"])
+    assert r["peak_memory_gb"] > 0.1 and r["memory_kind"] == "process peak RSS"
+    f = r["flop_per_sample"]
+    assert 0 < f["forward"] < f["forward_backward"] and r["executed_flop_per_sample"] == f["forward"] + f["forward_backward"]
+    # ZeRO-2: DeepSpeed's overflow check reads the gradient norm; mmscale's loop reads nothing
+    assert "mmscale" not in r["host_syncs_per_step"] and r["host_syncs_per_step"]["deepspeed"] >= 1
+    assert r["attention"] == {"image": "timm F.scaled_dot_product_attention",
+                              "text": "transformers attn_implementation=sdpa"}
+
+
+@pytest.mark.slow
+def test_bench_against_open_clips_trainer(tmp_path):
+    """open_clip's smallest ViT in both trainers, 2 samples a step: the ratio comes out."""
+    r = bench(tmp_path, "--vs-open-clip", "ViT-S-32-alt", "--batch", "2", "--chunk", "0", "--warmup", "1",
+              "--steps", "1", "--split-steps", "1", "--no-flops", "--synthetic")
+    assert r["open_clip"]["samples_per_s"] > 0 and r["vs_open_clip"] > 0
+    assert "open_clip_train.main" in r["open_clip"]["command"] and "--model ViT-S-32-alt" in r["open_clip"]["command"]
+    assert r["attention"]["image"] == "torch nn.MultiheadAttention (SDPA inside)"

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""`python tools/bench.py ...` is `mmscale-bench ...`: see mmscale/cli/bench.py or `mmscale-bench --help`."""
+import sys
+
+from mmscale.cli.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
