@@ -72,3 +72,7 @@ class RunDir:
     @property
     def results(self) -> str:
         return os.path.join(self.root, "results.json")
+
+    @property
+    def tensorboard(self) -> str:  # the events of every logged scalar: tensorboard --logdir runs/
+        return os.path.join(self.root, "tensorboard")

@@ -20,9 +20,6 @@ import sys
 import time
 from numbers import Real
 
-TENSORBOARD = "tensorboard"  # the events' folder inside the run folder
-
-
 def scalars(record: dict) -> dict[str, float]:
     """The numeric values of a step or evaluation record, `step` aside; {} for an event record."""
     if "event" in record or "step" not in record:
@@ -43,7 +40,7 @@ class MetricsLogger:
     @classmethod
     def for_run(cls, run, rank: int) -> "MetricsLogger":
         """The logger of a run folder (files.RunDir): metrics.jsonl and tensorboard/ beside it."""
-        return cls(run.metrics, rank, os.path.join(run.root, TENSORBOARD))
+        return cls(run.metrics, rank, run.tensorboard)
 
     def progress(self, total: int, initial: int = 0, stream=None) -> "ProgressDisplay":
         """The progress display of this run: it advances with `step()` and shows what gets logged."""
