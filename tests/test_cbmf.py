@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, shared_path
 from mmscale.data import features as feats
 from mmscale.config import ConfigError, load_config
-from mmscale.data.images import CaptionDataset, Sample, image_transform, load_splits
+from mmscale.data.images import CaptionDataset, Sample, image_transform, load_splits, normalize_images
 from mmscale.models.cbmf import CBMF, DFE_FUSIONS, DeepFusionEncoder
 from mmscale.models.layers import masked_mean
 from test_finetune import finish, losses, records, run_train
@@ -195,7 +195,7 @@ def test_cached_features_equal_live_towers_and_forward_equals_encode(mode, fusio
     arrays, labels, info = feats.cached_features(model, cfg.model, samples, "train", str(tmp_path), batch_size=10)
     assert not info["hit"] and labels.tolist() == [s.label for s in samples]
     ds = CaptionDataset(samples, image_transform(32, train=False))
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    images = normalize_images(torch.stack([ds[i][0] for i in range(len(ds))]))
     tok = model.tokenize([s.caption for s in samples])
     with torch.no_grad():
         live_image, _ = model.tower_features("image", images)
@@ -223,7 +223,7 @@ def test_frozen_tower_memo_returns_the_live_outputs_and_forgets_on_load(monkeypa
     cfg, model = tiny_model("model.dfe.features=tokens")
     samples = digit_samples(8)
     ds = CaptionDataset(samples, image_transform(32, train=False))
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    images = normalize_images(torch.stack([ds[i][0] for i in range(len(ds))]))
     tok = model.tokenize([s.caption for s in samples])
     with torch.no_grad():
         first = model.encode_image(images), model.encode_text(tok["input_ids"], tok["attention_mask"])

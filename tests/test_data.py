@@ -83,6 +83,27 @@ def test_digits_captions_and_augmentation_are_keyed():
     assert any(not torch.equal(a, ds[(0, e, 5)][0]) for e in range(2, 12))
 
 
+def test_images_travel_as_bytes_and_normalise_on_the_device_exactly():
+    """The loader hands out uint8; normalize_images gives, bit for bit, what torchvision's
+    ToTensor + Normalize gave on the host, and to_device applies it to image batches only."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from mmscale.data.images import CLIP_MEAN, CLIP_STD, normalize_images
+    from mmscale.data.stream import to_device
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (5, 7, 3), generator=g, dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    raw = image_transform(5, train=False)(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 5, 5)
+    host = T.Compose([T.Resize(5, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(5), T.ToTensor(),
+                      T.Normalize(CLIP_MEAN, CLIP_STD)])(image)
+    assert torch.equal(normalize_images(raw[None])[0], host)
+    batch = to_device({"image": raw[None], "input_ids": torch.ones(1, 4, dtype=torch.long), "skipped": 2},
+                      torch.device("cpu"), torch.bfloat16)
+    assert batch["image"].dtype == torch.bfloat16 and torch.equal(batch["image"][0], host.to(torch.bfloat16))
+    assert batch["input_ids"].dtype == torch.long and batch["skipped"] == 2
+
+
 def test_cifar10_folders_from_shared():
     root = shared_path("cifar10", "train")
     splits = load_splits(DataConfig(type="imagefolder", root=root, max_per_class=20, eval_fraction=0.25))

@@ -303,13 +303,16 @@ def test_open_clip_towers_train_on_two_ranks(tmp_path):
 @pytest.mark.slow
 def test_export_rebuilds_offline_and_reproduces_eval(tmp_path):
     """A one-process run with bf16, ZeRO-3, a learnable temperature and the gradient cache; the
-    exported model, rebuilt from its folder alone, gives the run's own zero-shot numbers."""
+    exported model, rebuilt from its folder alone, gives the run's own zero-shot numbers. 30 steps:
+    bf16 kernels round a little differently over ZeRO-3's flat parameter buffers than over the
+    rebuilt model's own tensors (one digit of 359 changes here), and a model still at chance
+    (0.10 after 6 steps) has so many near-ties that such rounding moves its top-1 by several points."""
     run_dir = str(tmp_path / "run")
-    finish(launch(run_dir, "train.steps=6", "train.zero_stage=3", "train.precision=bf16",
+    finish(launch(run_dir, "train.steps=30", "train.zero_stage=3", "train.precision=bf16",
                   "model.learn_temperature=true", ranks=1))
     results = json.load(open(os.path.join(run_dir, "results.json")))
     records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in records if "loss" in r] == [6]
+    assert [r["step"] for r in records if "loss" in r] == [10, 20, 30]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
     from mmscale.config import load_config

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..dist import barrier, broadcast_object, gather_rows, rank_and_world, shard_rows
 from ..files import atomic_path
-from .images import CaptionDataset, Sample, image_transform
+from .images import CaptionDataset, Sample, image_transform, normalize_images
 from .stream import collate_images_labels
 
 FORMAT = 1  # bump when what a cache file means changes (transforms, layout)
@@ -88,7 +88,7 @@ def _tower_outputs(model, name: str, kind: str, samples: list[Sample], image_siz
     feats, masks = [], []
     if kind == "image":
         ds = Subset(CaptionDataset(samples, image_transform(image_size, train=False)), idx)
-        batches = (images.to(device) for images, _ in
+        batches = (normalize_images(images.to(device)) for images, _ in
                    DataLoader(ds, batch_size=batch_size, collate_fn=collate_images_labels))
     else:
         tokenize = model.tower(name).tokenize_fn()

@@ -25,13 +25,23 @@ def _to_rgb(image):
 
 
 def image_transform(size: int, train: bool):
-    """open_clip-style: light random resized crop for training, resize + centre crop for eval."""
+    """open_clip-style: light random resized crop for training, resize + centre crop for eval.
+    Gives uint8 [3, size, size]: images cross to the device as bytes (a quarter of float32's
+    traffic) and `normalize_images` makes them floats there."""
     from torchvision import transforms as T
     if train:
         head = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
     else:
         head = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-    return T.Compose(head + [T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return T.Compose(head + [T.Lambda(_to_rgb), T.PILToTensor()])
+
+
+def normalize_images(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (on any device) -> CLIP-normalised floats of `dtype`, computed in float32
+    where the images are: (x / 255 - mean) / std, the values torchvision's ToTensor + Normalize give."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images.float() / 255 - mean) / std).to(dtype)
 
 
 @dataclass

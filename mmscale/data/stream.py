@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from .images import normalize_images
 
 
 class Collate:
@@ -31,6 +32,21 @@ class Collate:
         if self.text_prefix is not None:
             batch.update({self.text_prefix + k: v for k, v in self.tokenize(list(captions)).items()})
         return batch
+
+
+def to_device(batch: dict, device, dtype) -> dict:
+    """A batch on the device: uint8 image batches ([B, 3, H, W]) normalised there into `dtype`,
+    other floats cast to `dtype`, integers as they are, non-tensors (counts) untouched. The copies
+    do not block (the loader's memory is pinned on CUDA)."""
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = v
+        elif v.dtype == torch.uint8 and v.ndim == 4:
+            out[k] = normalize_images(v.to(device, non_blocking=True), dtype)
+        else:
+            out[k] = v.to(device, dtype if v.is_floating_point() else None, non_blocking=True)
+    return out
 
 
 def collate_images_labels(items):

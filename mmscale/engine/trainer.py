@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..config import Config, check_world, save_config
+from ..data.stream import to_device
 from ..dist import barrier, current_device, init_distributed, rank_and_world
 from ..export import save_export
 from ..files import RunDir, atomic_write_json
@@ -78,8 +79,7 @@ class Trainer:
     # ------------------------------------------------------------ one step
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, self.dtype if v.is_floating_point() else None, non_blocking=True)
-                if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return to_device(batch, self.device, self.dtype)
 
     def train_step(self, batch: dict) -> StepResult:
         # per-step seeding keeps dropout/augmentation/mixup identical across a resume

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..data.images import CaptionDataset, Sample, image_transform
-from ..data.stream import collate_images_labels
+from ..data.images import CaptionDataset, Sample, image_transform, normalize_images
+from ..data.stream import collate_images_labels, to_device
 from ..dist import broadcast_object, gather_rows, rank_and_world, shard_rows
 from ..models.layers import eval_mode
 from .datasets import has_split, load_captions, load_classification, resolve_templates
@@ -30,7 +30,7 @@ def embed_images(model, samples: list[Sample], image_size: int, device, dtype, b
     """[N, D] float32 image embeddings on `device`, identical on every rank."""
     idx = shard_rows(len(samples))
     ds = Subset(CaptionDataset(samples, image_transform(image_size, train=False)), idx)
-    out = [model.encode_image(images.to(device, dtype)).float()
+    out = [model.encode_image(normalize_images(images.to(device), dtype)).float()
            for images, _ in DataLoader(ds, batch_size=batch_size, collate_fn=collate_images_labels)]
     return gather_rows(torch.cat(out), len(samples))
 
@@ -56,7 +56,7 @@ def predict(model, dataset, collate, device, dtype, batch_size: int = 256, keep=
     parts: dict[str, list] = {}
     for batch in DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=collate):
         batch.pop("skipped", None)
-        out = model({k: v.to(device, dtype if v.is_floating_point() else None) for k, v in batch.items()})
+        out = model(to_device(batch, device, dtype))
         out = {k: v.float() for k, v in out.items() if k.startswith(tuple(keep))}
         out["label"] = batch["label"].to(device)
         for k, v in out.items():
