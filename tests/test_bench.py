@@ -29,7 +29,9 @@ def test_bench_measures_the_gradient_cached_step(tmp_path):
     assert {"embed", "loss", "reforward_backward", "optimizer", "data_wait"} <= set(r["split_s"])
     assert r["peak_memory_gb"] > 0.1 and r["memory_kind"] == "process peak RSS"
     f = r["flop_per_sample"]
-    assert 0 < f["forward"] < f["forward_backward"] and r["executed_flop_per_sample"] == f["forward"] + f["forward_backward"]
+    # chunk 16 of 64: every chunk but the last runs forward twice
+    assert 0 < f["forward"] < f["forward_backward"]
+    assert r["executed_flop_per_sample"] == pytest.approx(f["forward_backward"] + 3 / 4 * f["forward"])
     # ZeRO-2: DeepSpeed's overflow check reads the gradient norm; mmscale's loop reads nothing
     assert "mmscale" not in r["host_syncs_per_step"] and r["host_syncs_per_step"]["deepspeed"] >= 1
     assert r["attention"] == {"image": "timm F.scaled_dot_product_attention",

@@ -310,7 +310,9 @@ def main(argv=None) -> int:
     if not args.no_flops:
         flops = flop_per_sample(trainer.task, fixed or trainer.to_device(next(batches)), Progress(0, total))
         result["flop_per_sample"] = flops
-        executed = flops["forward_backward"] + (flops["forward"] if result["grad_cache_chunk"] else 0)
+        # the gradient cache runs every chunk forward once more, except the last (gradcache.py)
+        chunks = trainer.local_batch // trainer.chunk
+        executed = flops["forward_backward"] + flops["forward"] * (chunks - 1) / chunks
         result["executed_flop_per_sample"] = executed
         peak = next((v for (n, prec), v in PEAK_TFLOPS.items() if n in result["device"] and prec == t.precision), None)
         result["mfu"] = flops["forward_backward"] * samples_per_s / trainer.world / (peak * 1e12) if peak else None

@@ -25,12 +25,13 @@ def deepspeed_config(cfg: Config, local_batch: int, load_universal: bool = False
 
 
 def optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """torch's Adam (L2 weight decay) or AdamW (decoupled), the fused kernel on CUDA (one launch
-    for all parameters), the default elsewhere. DeepSpeed's ZeRO wraps it as it is."""
+    """torch's Adam (L2 weight decay) or AdamW (decoupled): the fused kernel on CUDA (one launch
+    for all parameters, the step count kept on the device), the multi-tensor (foreach) one
+    elsewhere. DeepSpeed's ZeRO wraps it as it is."""
     o = cfg.optim
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-               fused=True if device.type == "cuda" else None)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **fast)
 
 
 def initialize(model: torch.nn.Module, cfg: Config, local_batch: int, lr_lambda=None, load_universal: bool = False):
