@@ -83,7 +83,7 @@ def test_off_a_terminal_one_plain_line_per_logged_record(tmp_path):
         bar.step()
         if step % 10 == 0:
             logger.log({"step": step, "epoch": 0, "loss": 3.14159, "lr": 2.5e-4, "samples_per_s": 123.4,
-                        "skipped_samples": 0})
+                        "skipped_samples": 0, "nonfinite_steps": 2 if step == 30 else 0})
         assert stream.getvalue().count("\n") == step // 10  # nothing in between
     logger.log({"event": "preempted", "step": 40})
     logger.log({"step": 40, "zeroshot/top1": 0.5, "train/loss": 3.2})
@@ -94,6 +94,7 @@ def test_off_a_terminal_one_plain_line_per_logged_record(tmp_path):
     assert len(lines) == 5
     assert lines[0].startswith("train step 10/40 (25%) loss 3.1416 lr 2.50e-04 samples/s 123.4 elapsed ")
     assert " eta " in lines[0] and lines[3].startswith("train step 40/40 (100%)") and lines[3].endswith("eta 00:00")
+    assert "nonfinite" not in lines[0] and " nonfinite 2 " in lines[2]  # counted once there are any
     assert lines[4] == "eval step 40/40 (100%) zeroshot/top1 0.5 train/loss 3.2"
 
 

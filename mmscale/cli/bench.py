@@ -211,11 +211,12 @@ def open_clip_overrides(model: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mmscale-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="the recipe whose step is measured")
+    p.add_argument("recipe", nargs="?", help="the recipe whose step is measured (not with --table)")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides (default: none)")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
-    p.add_argument("--split-steps", type=int, default=2, help="extra steps timed phase by phase (default: 2)")
+    p.add_argument("--split-steps", type=int, default=2,
+                   help="extra steps timed phase by phase, 0 = none (default: 2)")
     p.add_argument("--synthetic", action="store_true",
                    help="repeat one batch from the recipe's loader, already on the device, so no data wait "
                         "(default: off, the recipe's loader)")
@@ -229,7 +230,14 @@ def main(argv=None) -> int:
     p.add_argument("--open-clip-workers", type=int, default=1, help="open_clip's loader workers (default: 1)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (default: count)")
     p.add_argument("--json", help="where to write the results (default: runs/bench/<recipe>-<time>.json)")
+    p.add_argument("--table", nargs="+", metavar="JSON",
+                   help="print earlier results as one markdown table instead of measuring (default: measure)")
     args = p.parse_intermixed_args(argv)  # overrides may come after options
+    if args.table:
+        print(table([json.load(open(f)) for f in args.table]))
+        return 0
+    if not args.recipe:
+        p.error("give a recipe (or --table JSON...)")
 
     import torch
     from mmscale.config import ConfigError, load_config
@@ -281,19 +289,20 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - tic
     memory = peak_memory(device)
 
-    timer = PhaseTimer(device)
-    trainer.step_fn.timer = timer
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
-    with profile(activities=activities) as prof:
-        for _ in range(args.split_steps):
-            trainer.train_step(next_batch())
-        sync()
-    comm = sum((e.device_time_total if device.type == "cuda" else e.cpu_time_total)
-               for e in prof.key_averages() if COMM.search(e.key)) / 1e6
-    split = {k: v / args.split_steps for k, v in timer.seconds.items()}
-    split["data_wait"] = data_wait / args.steps
-    split["communication (inside the above)"] = comm / args.split_steps
+    split = {"data_wait": data_wait / args.steps}
+    if args.split_steps:
+        timer = PhaseTimer(device)
+        trainer.step_fn.timer = timer
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+        with profile(activities=activities) as prof:
+            for _ in range(args.split_steps):
+                trainer.train_step(next_batch())
+            sync()
+        comm = sum((e.device_time_total if device.type == "cuda" else e.cpu_time_total)
+                   for e in prof.key_averages() if COMM.search(e.key)) / 1e6
+        split = {**{k: v / args.split_steps for k, v in timer.seconds.items()}, **split,
+                 "communication (inside the above)": comm / args.split_steps}
 
     t = cfg.train
     samples_per_s = t.global_batch_size * args.steps / seconds
@@ -329,6 +338,22 @@ def main(argv=None) -> int:
         atomic_write_json(path, result)
         print(f"wrote {path}")
     return 0
+
+
+def table(results: list[dict]) -> str:
+    """One row per result: the configuration, speed, memory and host reads."""
+    head = ["recipe", "global batch", "chunk", "world", "precision", "ZeRO", "compile", "samples/s", "s/sample",
+            "peak memory GB", "host reads/step (mmscale / deepspeed / towers)"]
+    rows = []
+    for r in results:
+        syncs = r["host_syncs_per_step"]
+        towers = sum(v for k, v in syncs.items() if k not in ("mmscale", "deepspeed"))
+        rows.append([os.path.basename(r["recipe"]), r["global_batch"], r["grad_cache_chunk"] or "off", r["world"],
+                     r["precision"], r["zero_stage"], "on" if r["compile"] else "off", f"{r['samples_per_s']:.3f}",
+                     f"{1 / r['samples_per_s']:.2f}", f"{r['peak_memory_gb']:.2f}",
+                     f"{syncs.get('mmscale', 0):g} / {syncs.get('deepspeed', 0):g} / {towers:g}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def report(r: dict) -> str:

@@ -128,7 +128,8 @@ class ProgressDisplay:
             self.stream.write(line + "\n")
             self.stream.flush()
         elif line.startswith("train "):
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+            extra = {"nonfinite": record["nonfinite_steps"]} if record.get("nonfinite_steps") else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **extra)
         else:  # an evaluation: a line above the bar
             self.bar.write(line, file=self.stream)
 
@@ -139,6 +140,8 @@ class ProgressDisplay:
             parts = [f"train {where}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
             if "samples_per_s" in record:
                 parts.append(f"samples/s {record['samples_per_s']:.1f}")
+            if record.get("nonfinite_steps"):  # steps skipped for non-finite gradients, in all
+                parts.append(f"nonfinite {record['nonfinite_steps']}")
             parts.append(f"elapsed {_duration(time.perf_counter() - self.start)}")
             parts.append(f"eta {_duration(self.eta())}")
             return " ".join(parts)
