@@ -211,7 +211,7 @@ def open_clip_overrides(model: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mmscale-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", help="the recipe whose step is measured (not with --table)")
+    p.add_argument("recipe", nargs="?", help="the recipe whose step is measured (default: none; required unless --table)")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides (default: none)")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
