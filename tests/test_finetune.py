@@ -17,7 +17,8 @@ from mmscale.config import ConfigError, DataConfig, ModalityConfig, load_config
 from mmscale.data.labelled import load_multiview
 from mmscale.eval import classification_metrics
 
-ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "m3col_rosmap_code.yaml", "unis_mmc_rosmap.yaml",
+ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "m3col_rosmap_code.yaml", "m3col_rosmap_table6.yaml",
+                  "unis_mmc_rosmap.yaml",
                   "mixup_rosmap.yaml", "unimodal_rosmap.yaml"]
 IMAGETEXT_RECIPES = ["unis_mmc_food101.yaml", "m3col_food101.yaml"]
 
