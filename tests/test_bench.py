@@ -46,3 +46,12 @@ def test_bench_against_open_clips_trainer(tmp_path):
     assert r["open_clip"]["samples_per_s"] > 0 and r["vs_open_clip"] > 0
     assert "open_clip_train.main" in r["open_clip"]["command"] and "--model ViT-S-32-alt" in r["open_clip"]["command"]
     assert r["attention"]["image"] == "torch nn.MultiheadAttention (SDPA inside)"
+    # --table puts the ratio in the row
+    (tmp_path / "bench.json").write_text(json.dumps(r))
+    t = subprocess.run([BENCH, "--table", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=120)
+    head, _, row = t.stdout.strip().splitlines()
+    bare = r["vs_bare_open_clip"]  # open_clip's model in a bare loop, alternated with mmscale's step
+    assert bare["steps"] == 1 and bare["bare_samples_per_s"] > 0 and bare["ratio"] > 0
+    assert bare["ratio"] == pytest.approx(bare["mmscale_samples_per_s"] / bare["bare_samples_per_s"])
+    assert head.endswith("| open_clip trainer samples/s | mmscale / open_clip | mmscale / bare open_clip loop, interleaved |")
+    assert row.endswith(f"| {r['open_clip']['samples_per_s']:.3f} | {r['vs_open_clip']:.2f} | {bare['ratio']:.2f} |")

@@ -168,13 +168,13 @@ def test_activation_memory_is_bounded_by_the_chunk():
 
 # ---------------------------------------------------------------- DeepSpeed, 2 ranks
 
-def _deepspeed_ranks(rank, world, out_dir):
+def _deepspeed_ranks(rank, world, out_dir, stages=(0, 1, 2, 3)):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     deepspeed.init_distributed(dist_backend="gloo")
     from mmscale.engine.backend import initialize
     results = {}
-    for stage in (0, 1, 2, 3):
+    for stage in stages:
         cfg = tiny_cfg(f"train.zero_stage={stage}", "train.precision=fp32", f"train.global_batch_size={B}",
                        "model.learn_temperature=true")
         model = make_model(cfg)
@@ -190,7 +190,8 @@ def _deepspeed_ranks(rank, world, out_dir):
         loss, _ = grad_cache_step(engine, loss_fn(), local, 2, backward, shared=("logit_scale",))
         grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
         if rank == 0:
-            torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"zero{stage}.pt"))
+            torch.save({"loss": loss, "grads": grads, "reduces": engine.enable_backward_allreduce},
+                       os.path.join(out_dir, f"zero{stage}.pt"))
         engine.step()
         engine.destroy()
 
@@ -211,3 +212,18 @@ def test_deepspeed_zero_stages_equal_full_batch(tmp_path):
             diffs.append((got["grads"][name].reshape(g.shape) - g).abs().max().item())
         report[f"zero{stage}"] = max(diffs)
     print("max abs grad diff vs single-process full batch:", json.dumps(report))
+
+
+def test_one_rank_zero0_skips_the_identity_reduction():
+    """On one rank, ZeRO 0 leaves out DeepSpeed's gradient all-reduce (a flatten, an all-reduce and a
+    copy back that change nothing there); the gradients are still the full-batch ones."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        run_ranks(_deepspeed_ranks, 1, out, (0,))
+        got = torch.load(os.path.join(out, "zero0.pt"))
+    model = make_model(tiny_cfg("model.learn_temperature=true"))
+    ref_loss, ref = full_batch_grads(model, make_batch(model))
+    assert got["reduces"] is False
+    assert torch.allclose(got["loss"], ref_loss, atol=1e-6)
+    for name, g in ref.items():
+        assert torch.allclose(got["grads"][name].reshape(g.shape), g, atol=1e-5, rtol=1e-4), name

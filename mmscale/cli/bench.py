@@ -15,7 +15,9 @@ kernels the towers use, and host syncs per step: reads of device values (Tensor.
 float, int, tolist, numpy), split into those of mmscale's loop and of DeepSpeed. --vs-open-clip
 MODEL puts open_clip's MODEL towers into the recipe (no heads, learnt temperature: CLIP) and also
 runs open_clip's own trainer (open_clip_train.main, synthetic data) on the same model, batch and
-precision, in the same invocation, and prints mmscale / open_clip. Writes everything as JSON.
+precision, in the same invocation, and prints mmscale / open_clip; then it alternates mmscale's step
+with open_clip's model, ClipLoss and fused AdamW in a bare torch loop, step by step in this process
+(both see the same load: the steadier ratio on a shared machine). Writes everything as JSON.
 """
 from __future__ import annotations
 
@@ -165,6 +167,51 @@ def open_clip_rate(model: str, batch: int, precision: str, steps: int, warmup: i
             "steps_logged": len(rates), "wall_s": round(time.time() - tic, 1)}
 
 
+def interleaved_vs_bare_open_clip(model: str, trainer, batch: dict, precision: str, steps: int) -> dict:
+    """open_clip's MODEL with its ClipLoss and torch's fused AdamW in a bare torch loop, on the same
+    batch, alternated step by step with mmscale's step in this process: both see the same load, so
+    the ratio is free of what changes between two processes (the trainer's ratio is not)."""
+    import open_clip
+    import torch
+    from open_clip.loss import ClipLoss
+
+    device = trainer.device
+    net = open_clip.create_model(model).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    clip_loss = ClipLoss()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    images, texts = batch["image"].float(), batch["input_ids"]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def bare_step():
+        with autocast:
+            image, text, scale = net(images, texts)[:3]
+            loss = clip_loss(image, text, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def ours_step():
+        trainer.train_step(dict(batch))
+
+    seconds = {"mmscale": 0.0, "bare": 0.0}
+    for i in range(steps + 1):  # the first round warms the bare loop up
+        for name, step in (("mmscale", ours_step), ("bare", bare_step)):
+            sync()
+            tic = time.perf_counter()
+            step()
+            sync()
+            if i:
+                seconds[name] += time.perf_counter() - tic
+    n = len(images) * steps
+    del net, opt
+    return {"steps": steps, "mmscale_samples_per_s": n / seconds["mmscale"], "bare_samples_per_s": n / seconds["bare"],
+            "ratio": seconds["bare"] / seconds["mmscale"]}
+
+
 def versions() -> dict:
     import deepspeed
     import torch
@@ -225,8 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="train.precision (default: the recipe's)")
     p.add_argument("--compile", action="store_true", help="train.compile=true (default: the recipe's)")
     p.add_argument("--vs-open-clip", metavar="MODEL",
-                   help="open_clip MODEL towers in the recipe, and open_clip's trainer on them for a ratio "
-                        "(default: none)")
+                   help="open_clip MODEL towers in the recipe, and open_clip's trainer on them for a ratio, and its "
+                        "model in a bare loop alternated with mmscale's step (default: none)")
     p.add_argument("--open-clip-workers", type=int, default=1, help="open_clip's loader workers (default: 1)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (default: count)")
     p.add_argument("--json", help="where to write the results (default: runs/bench/<recipe>-<time>.json)")
@@ -330,6 +377,9 @@ def main(argv=None) -> int:
                             args.open_clip_workers)
         result["open_clip"] = oc
         result["vs_open_clip"] = samples_per_s / oc["samples_per_s"] if oc["samples_per_s"] else None
+    if args.vs_open_clip and trainer.world == 1:
+        result["vs_bare_open_clip"] = interleaved_vs_bare_open_clip(
+            args.vs_open_clip, trainer, fixed or trainer.to_device(next(batches)), t.precision, args.steps)
     if rank == 0:
         print(report(result))
         path = args.json or os.path.join("runs", "bench", f"{os.path.splitext(os.path.basename(args.recipe))[0]}-"
@@ -352,6 +402,13 @@ def table(results: list[dict]) -> str:
                      r["precision"], r["zero_stage"], "on" if r["compile"] else "off", f"{r['samples_per_s']:.3f}",
                      f"{1 / r['samples_per_s']:.2f}", f"{r['peak_memory_gb']:.2f}",
                      f"{syncs.get('mmscale', 0):g} / {syncs.get('deepspeed', 0):g} / {towers:g}"])
+    if any("open_clip" in r for r in results):  # the ratio the comparison exists for
+        head += ["open_clip trainer samples/s", "mmscale / open_clip", "mmscale / bare open_clip loop, interleaved"]
+        for row, r in zip(rows, results):
+            oc = r.get("open_clip", {}).get("samples_per_s")
+            bare = r.get("vs_bare_open_clip", {}).get("ratio")
+            row += [f"{oc:.3f}" if oc else "-", f"{r['vs_open_clip']:.2f}" if r.get("vs_open_clip") else "-",
+                    f"{bare:.2f}" if bare else "-"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
@@ -380,6 +437,11 @@ def report(r: dict) -> str:
         ratio = f"{r['vs_open_clip']:.2f}" if r.get("vs_open_clip") else "n/a"
         rate = f"{oc['samples_per_s']:.2f}" if oc["samples_per_s"] else "n/a (no step lines in its log)"
         lines.append(f"  open_clip trainer   {rate} samples/s -> mmscale / open_clip = {ratio}")
+    if "vs_bare_open_clip" in r:
+        b = r["vs_bare_open_clip"]
+        lines.append(f"  interleaved         open_clip's model in a bare torch loop {b['bare_samples_per_s']:.2f} samples/s, "
+                     f"mmscale {b['mmscale_samples_per_s']:.2f}, alternated over {b['steps']} steps in this process "
+                     f"-> mmscale / bare = {b['ratio']:.2f}")
     lines.append("  versions            " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     return "\n".join(lines)
 
