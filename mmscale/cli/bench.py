@@ -392,7 +392,7 @@ def main(argv=None) -> int:
 
 def table(results: list[dict]) -> str:
     """One row per result: the configuration, speed, memory and host reads."""
-    head = ["recipe", "global batch", "chunk", "world", "precision", "ZeRO", "compile", "samples/s", "s/sample",
+    head = ["recipe", "global batch", "chunk", "world", "precision", "ZeRO", "compile", "samples/s", "ms/sample",
             "peak memory GB", "host reads/step (mmscale / deepspeed / towers)"]
     rows = []
     for r in results:
@@ -400,7 +400,7 @@ def table(results: list[dict]) -> str:
         towers = sum(v for k, v in syncs.items() if k not in ("mmscale", "deepspeed"))
         rows.append([os.path.basename(r["recipe"]), r["global_batch"], r["grad_cache_chunk"] or "off", r["world"],
                      r["precision"], r["zero_stage"], "on" if r["compile"] else "off", f"{r['samples_per_s']:.3f}",
-                     f"{1 / r['samples_per_s']:.2f}", f"{r['peak_memory_gb']:.2f}",
+                     f"{1000 / r['samples_per_s']:.1f}", f"{r['peak_memory_gb']:.2f}",
                      f"{syncs.get('mmscale', 0):g} / {syncs.get('deepspeed', 0):g} / {towers:g}"])
     if any("open_clip" in r for r in results):  # the ratio the comparison exists for
         head += ["open_clip trainer samples/s", "mmscale / open_clip", "mmscale / bare open_clip loop, interleaved"]
