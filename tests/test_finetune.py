@@ -466,3 +466,5 @@ def test_sweep_protocols_pick_final_validation_and_test_selected(tmp_path):
     assert "| m | 50.0 +- 0.0 | 5 / - / - |" in sweep.table({"m": [only]}, ["zeroshot/cifar10/top1"])
     md = sweep.table({"m": [got]}, ["test/acc"])
     assert "ACC final | ACC val-selected | ACC test-selected" in md and "| m | 70.0 +- 0.0 | 55.0 +- 0.0 | 80.0 +- 0.0 | 50 / 30 / 40 |" in md
+    # over seeds: the sample standard deviation (n - 1), not the population one (10.0 for these two)
+    assert sweep.mean_std([0.5, 0.7]) == "60.0 +- 14.1" and sweep.mean_std([0.5]) == "50.0 +- 0.0"

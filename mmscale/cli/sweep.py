@@ -128,9 +128,11 @@ def logreg_runs(root: str, seeds: list[int], normalize: str = "none") -> list[di
 
 
 def mean_std(values: list[float]) -> str:
+    """Mean +- the sample standard deviation (n - 1) over seeds, in %."""
     if not values:
         return "-"
-    return f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f}"
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{100 * np.mean(values):.1f} +- {100 * std:.1f}"
 
 
 def table(results: dict, metrics: list[str]) -> str:
