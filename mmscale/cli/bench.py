@@ -22,6 +22,7 @@ with open_clip's model, ClipLoss and fused AdamW in a bare torch loop, step by s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -39,6 +40,13 @@ PACKAGE = re.compile(r"/(mmscale|deepspeed|transformers|timm|open_clip|torch)/")
 COMM = re.compile(r"all_reduce|allreduce|all_gather|allgather|reduce_scatter|broadcast|gloo|nccl", re.IGNORECASE)
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so a wall-clock interval holds that work (no-op off CUDA)."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
+
+
 class PhaseTimer:
     """Wall time per phase, the device synchronised at every boundary (so a phase's time is its
     own); the trainer's step calls it as `with timer(phase):`."""
@@ -46,21 +54,16 @@ class PhaseTimer:
     def __init__(self, device):
         self.device, self.seconds, self.calls = device, defaultdict(float), defaultdict(int)
 
-    def sync(self):
-        if self.device.type == "cuda":
-            import torch
-            torch.cuda.synchronize(self.device)
-
     def __call__(self, phase: str):
         timer = self
 
         class _Phase:
             def __enter__(self):
-                timer.sync()
+                synchronize(timer.device)
                 self.tic = time.perf_counter()
 
             def __exit__(self, *exc):
-                timer.sync()
+                synchronize(timer.device)
                 timer.seconds[phase] += time.perf_counter() - self.tic
                 timer.calls[phase] += 1
         return _Phase()
@@ -176,15 +179,12 @@ def interleaved_vs_bare_open_clip(model: str, trainer, batch: dict, precision: s
     from open_clip.loss import ClipLoss
 
     device = trainer.device
+    sync = functools.partial(synchronize, device)
     net = open_clip.create_model(model).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     clip_loss = ClipLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     images, texts = batch["image"].float(), batch["input_ids"]
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def bare_step():
         with autocast:
@@ -315,9 +315,7 @@ def main(argv=None) -> int:
     def next_batch():
         return dict(fixed) if fixed is not None else next(batches)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    sync = functools.partial(synchronize, device)
 
     for _ in range(args.warmup):
         trainer.train_step(next_batch())
@@ -363,8 +361,10 @@ def main(argv=None) -> int:
         "host_syncs_per_step": {k: v / args.steps for k, v in syncs.counts.items()},
         "attention": attention_kernels(trainer.engine.module), "versions": versions(),
     }
+    # the FLOP count and the interleaved comparison run on one device batch: the repeated one or the next
+    sample = fixed if fixed is not None else trainer.to_device(next(batches))
     if not args.no_flops:
-        flops = flop_per_sample(trainer.task, fixed or trainer.to_device(next(batches)), Progress(0, total))
+        flops = flop_per_sample(trainer.task, sample, Progress(0, total))
         result["flop_per_sample"] = flops
         # the gradient cache runs every chunk forward once more, except the last (gradcache.py)
         chunks = trainer.local_batch // trainer.chunk
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         result["vs_open_clip"] = samples_per_s / oc["samples_per_s"] if oc["samples_per_s"] else None
     if args.vs_open_clip and trainer.world == 1:
         result["vs_bare_open_clip"] = interleaved_vs_bare_open_clip(
-            args.vs_open_clip, trainer, fixed or trainer.to_device(next(batches)), t.precision, args.steps)
+            args.vs_open_clip, trainer, sample, t.precision, args.steps)
     if rank == 0:
         print(report(result))
         path = args.json or os.path.join("runs", "bench", f"{os.path.splitext(os.path.basename(args.recipe))[0]}-"
