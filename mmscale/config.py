@@ -487,6 +487,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.grad_cache_chunk: must be >= 0")
     if t.max_nonfinite_steps < 1:
         raise ConfigError("train.max_nonfinite_steps: must be >= 1")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints: {t.keep_checkpoints}; must be >= 1 (the checkpoint a resume "
+                          "continues from is always kept)")
     if t.dist_timeout_s < 10:
         raise ConfigError("train.dist_timeout_s: must be >= 10 (seconds)")
     if t.steps <= 0 and t.epochs <= 0:

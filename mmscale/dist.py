@@ -31,6 +31,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NCCL_TIMEOUT_MARGIN_S = 60  # NCCL's own timeout sits this far above the heartbeat's (engine/watchdog.py)
+
+
+def launcher_env(env=os.environ) -> dict:
+    """What the process group needs from the launcher, as torchrun/deepspeed set it (RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Under a bare `srun` (SLURM_NTASKS tasks, no
+    torchrun) these come from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, the port from the job id
+    (every task computes the same one); a plain `python` run is one rank on this host."""
+    if "RANK" in env:
+        return {}
+    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    if ntasks > 1 and "SLURM_PROCID" in env:
+        nodes = int(env.get("SLURM_NNODES", "1") or 1)
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 else None)
+        if addr is None:
+            raise RuntimeError(
+                f"srun started {ntasks} tasks on {nodes} nodes without torchrun: set MASTER_ADDR to the first "
+                "node (export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) or launch "
+                "through slurm/pretrain.sh")
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+        return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+                "WORLD_SIZE": str(ntasks), "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", str(ntasks // nodes)),
+                "MASTER_ADDR": addr, "MASTER_PORT": port}
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT", str(_free_port()))}
+
+
+def set_group_timeouts(timeout_s: float) -> datetime.timedelta:
+    """The timeout of every process group created from now on, DeepSpeed's included.
+
+    torch's new_group() without a timeout takes its module default (10 minutes for NCCL, 30 for
+    gloo), not the default group's, and DeepSpeed creates its data-parallel groups that way; so
+    the default is set where new_group reads it. NCCL's timeout is the heartbeat's plus a margin:
+    a lost rank is then named by the watchdog (exit 69) before NCCL's own watchdog aborts."""
+    from torch.distributed import distributed_c10d as c10d
+    nccl = datetime.timedelta(seconds=timeout_s + NCCL_TIMEOUT_MARGIN_S)
+    c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = nccl
+    return nccl
+
+
 def init_distributed(timeout_s: float | None = None) -> None:
     """Join the process group the launcher (deepspeed, torchrun, srun) describes, or make a
     one-process group when run as plain `python`. timeout_s bounds every collective."""
@@ -38,13 +80,14 @@ def init_distributed(timeout_s: float | None = None) -> None:
     from deepspeed.accelerator import get_accelerator
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    os.environ.update(launcher_env())
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    kwargs = {}
+    if timeout_s:
+        nccl = set_group_timeouts(timeout_s)
+        kwargs["timeout"] = nccl if acc.communication_backend_name() == "nccl" else datetime.timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), **kwargs)
 
 
@@ -63,6 +106,24 @@ def current_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def comm_device() -> torch.device:
+    """Where the default group's tensors must be: the accelerator for NCCL (which rejects CPU
+    tensors), the CPU for gloo. Every helper below moves its tensors here itself, so no caller can
+    hand a collective a tensor on the wrong device."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() not in ("gloo", "mpi"):
+        return current_device()
+    return torch.device("cpu")
+
+
+def _to_comm(t: torch.Tensor) -> torch.Tensor:
+    return t.to(comm_device()).contiguous()
+
+
+def _back(t: torch.Tensor, device) -> torch.Tensor:
+    """A collective's result back where the caller's tensor was (a no-op when it was there)."""
+    return t.to(device)
+
+
 # ---------------------------------------------------------------- gathers that carry gradients
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -76,7 +137,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         rank, world = rank_and_world()
         parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         ctx.rank, ctx.rows = rank, x.shape[0]
         return torch.cat(parts)
 
@@ -88,9 +149,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank, in rank order; gradients flow back to this rank's rows. The result
+    is on x's device (the moves are part of the graph: a no-op in training, where x is already on
+    the communication device)."""
     if rank_and_world()[1] == 1:
         return x
-    return _AllGatherWithGrad.apply(x)
+    return _back(_AllGatherWithGrad.apply(_to_comm(x)), x.device)
 
 
 def gather_outputs(out: dict, shared=()) -> dict:
@@ -122,9 +186,10 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     _, world = rank_and_world()
     if world == 1:
         return local[:n]
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts)[:n]
+    x = _to_comm(local)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return _back(torch.cat(parts)[:n], local.device)
 
 
 # ---------------------------------------------------------------- small agreements
@@ -139,20 +204,50 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
-def all_reduce_sum(value: float | int, device=None) -> float:
-    """The sum of a number over the ranks (a blocking collective)."""
-    t = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.int64, device=device)
+def all_reduce_sum(value: float | int | torch.Tensor) -> float:
+    """The sum of a number (or a one-element tensor, on any device) over the ranks, on the host;
+    a blocking collective."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().reshape(()).to(comm_device(), torch.float64)
+    else:
+        t = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.int64, device=comm_device())
     if rank_and_world()[1] > 1:
         dist.all_reduce(t)
-    return t.item()
+    return _back(t, "cpu").item()
 
 
-def any_rank(flag: bool, device=None) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any rank (a blocking collective)."""
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(flag)], device=comm_device())
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(_back(t, "cpu").item())
+
+
+class HostFlag:
+    """A flag the ranks agree on without waiting for the device: an all-reduce (max) over a CPU
+    (gloo) group of its own, started by one call and collected by the next, so every rank learns
+    of a value one call after any rank set it (engine/state.py's stop signals)."""
+
+    def __init__(self):
+        world = rank_and_world()[1]
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.pending = None  # (work, tensor) of the all-reduce in flight
+
+    def exchange(self, value: int) -> int:
+        """The maximum over ranks of the values handed to the previous call (0 at the first);
+        starts the exchange of `value`. Every rank calls it the same number of times."""
+        if self.group is None:
+            return value
+        seen = 0
+        if self.pending is not None:
+            work, t = self.pending
+            work.wait()
+            seen = int(t.item())  # a CPU tensor: the host's own value, no device wait
+        t = torch.tensor([int(value)])
+        t._mmscale_host = True  # mmscale-bench's read count: a host value, not a device wait
+        self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), t)
+        return seen
 
 
 def barrier() -> None:

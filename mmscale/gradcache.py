@@ -99,3 +99,18 @@ def _surrogate(out: dict, cached: dict, rows: slice, shared: set, with_shared: b
         else:
             terms.append((v.float() * cached[k][rows]).sum())
     return torch.stack(terms).sum()
+
+
+def check_exact(towers: dict) -> None:
+    """The gradient cache is exact only for towers whose forward treats samples independently.
+    A trainable BatchNorm normalises each chunk by the chunk's own statistics (not the batch's)
+    and moves its running statistics once per forward, twice per chunk here: refused up front."""
+    from .config import ConfigError
+    for name, tower in towers.items():
+        norms = [m for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and any(p.requires_grad for p in m.parameters())]
+        if norms:
+            raise ConfigError(
+                f"train.grad_cache_chunk: the {name} tower has {len(norms)} trainable BatchNorm layers, whose batch "
+                f"statistics differ per chunk, so the gradient cache would not be exact; set train.grad_cache_chunk=0 "
+                f"(or the per-rank batch), freeze the tower (model.{name}.freeze=true), or use a LayerNorm/GroupNorm tower")

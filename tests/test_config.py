@@ -78,6 +78,7 @@ def test_dotted_overrides_are_typed():
     ("model.image.pretrained=/nonexistent/vit.safetensors", "model.image.pretrained"),
     ("data.type=coco", "data.root"),
     ("train.steps=0", "train.steps"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
 ])
 def test_bad_input_names_the_key(override, key, tmp_path):
     over = [override, "train.epochs=0"] if override == "train.steps=0" else [override]

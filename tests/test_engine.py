@@ -266,17 +266,36 @@ def test_a_nonfinite_batch_is_skipped_and_training_goes_on(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def fp32_master(run_dir, tag, stage):
+    """log(1/tau)'s float32 master copy in a checkpoint: under ZeRO 1-3 the consolidated
+    partitions; bf16 under ZeRO 0 keeps its own fp32 copies (FP16_UnfusedOptimizer's fp32_groups)
+    in the order of the model's trainable parameters."""
+    from mmscale.export import checkpoint_state_dict, load_model
+    if stage:
+        return checkpoint_state_dict(os.path.join(run_dir, "checkpoints"), tag, stage)["logit_scale.log_value"]
+    sd = torch.load(os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                    weights_only=False)
+    names = [n for n, p in load_model(run_dir)[0].named_parameters() if p.requires_grad]
+    assert len(names) == len(sd["optimizer"]["fp32_groups"][0])
+    return sd["optimizer"]["fp32_groups"][0][names.index("logit_scale.log_value")]
+
+
 @pytest.mark.slow
-def test_a_learnt_temperature_is_clamped_in_the_optimizer(tmp_path):
-    """ZeRO-2, bf16: the fp32 master copy of log(1/tau) lives in the optimizer's partition. A value
-    started above CLIP's clamp (1/tau <= 100) has a zero gradient through the forward's clamp, so
-    only clamping the master copy brings it to the bound, from where gradients flow again."""
+@pytest.mark.parametrize("stage,precision,ranks", [(2, "bf16", 1), (0, "bf16", 1), (3, "fp32", 2)])
+def test_a_learnt_temperature_is_clamped_in_the_optimizer(stage, precision, ranks, tmp_path):
+    """The fp32 master copy of log(1/tau) lives where the optimizer keeps it: ZeRO-2's partition,
+    bf16 ZeRO-0's FP16_UnfusedOptimizer copy (no fragment mapping there: the clamp used to land on
+    the bf16 weight only, and the next step overwrote it), ZeRO-3's one-element partition on one
+    of 2 ranks (the full-parameter API used to stop rank 1 with "start (1) + length (1) exceeds
+    dimension size (1)"). A value started above CLIP's clamp (1/tau <= 100) has a zero gradient
+    through the forward's clamp, so only clamping the master copy brings it to the bound, from
+    where gradients flow again."""
     import math
-    from mmscale.export import checkpoint_state_dict
     run_dir = str(tmp_path / "run")
-    finish(launch(run_dir, "model.learn_temperature=true", "model.temperature=0.0099", "train.precision=bf16",
-                  "train.zero_stage=2", "train.steps=3", "train.eval_every=0", "eval.zeroshot=false", ranks=1))
-    master = checkpoint_state_dict(os.path.join(run_dir, "checkpoints"), "step00000003", 2)["logit_scale.log_value"]
+    finish(launch(run_dir, "model.learn_temperature=true", "model.temperature=0.0099", f"train.precision={precision}",
+                  f"train.zero_stage={stage}", "train.steps=3", "train.eval_every=0", "eval.zeroshot=false", ranks=ranks))
+    master = fp32_master(run_dir, "step00000003", stage)
+    assert master.dtype == torch.float32
     assert math.log(1 / 0.0099) > math.log(100)
     assert master.item() <= math.log(100) + 1e-6 and master.item() > math.log(100) - 0.05
 

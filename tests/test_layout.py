@@ -99,6 +99,48 @@ SCRIPTS = ["mmscale-train", "mmscale-eval", "mmscale-build-shards", "mmscale-swe
            "mmscale-bench"]
 
 
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "reduce",
+               "gather", "scatter", "barrier", "new_group", "send", "recv", "isend", "irecv"}
+
+
+def _distributed_calls(path: str) -> list[str]:
+    """Calls of torch.distributed collectives in a file: `dist.X(...)`, `torch.distributed.X(...)`,
+    or X imported from torch.distributed."""
+    tree = ast.parse(open(path).read())
+    aliases, direct = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "torch.distributed"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            direct |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in COLLECTIVES:
+            owner = ast.unparse(f.value)
+            if owner in aliases or owner == "torch.distributed":
+                found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {owner}.{f.attr}")
+        elif isinstance(f, ast.Name) and f.id in direct:
+            found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {f.id}")
+    return found
+
+
+def test_collectives_live_in_dist_py_only(tmp_path):
+    """Every collective goes through mmscale/dist.py, whose helpers put tensors on the communication
+    device (tests/test_dist.py): a torch.distributed call elsewhere could hand NCCL a CPU tensor."""
+    elsewhere = [c for module, path in _modules().items() if module != "mmscale.dist"
+                 for c in _distributed_calls(path)]
+    assert not elsewhere, elsewhere
+    assert _distributed_calls(os.path.join(PKG, "dist.py"))  # the checker sees them where they are
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch.distributed as d\nfrom torch.distributed import all_reduce as ar\n"
+                   "def f(t):\n    d.all_reduce(t)\n    ar(t)\n    import torch\n    torch.distributed.barrier()\n")
+    assert len(_distributed_calls(str(bad))) == 3
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_console_scripts_explain_themselves(script):
     exe = os.path.join(os.path.dirname(PY), script)

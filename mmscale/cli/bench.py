@@ -36,7 +36,7 @@ from collections import defaultdict
 # device peaks, dense, TFLOP/s, for MFU: (name fragment, precision) -> peak
 PEAK_TFLOPS = {("H100", "bf16"): 989.0, ("H200", "bf16"): 989.0, ("A100", "bf16"): 312.0,
                ("H100", "fp32"): 67.0, ("H200", "fp32"): 67.0, ("A100", "fp32"): 19.5}
-PACKAGE = re.compile(r"/(mmscale|deepspeed|transformers|timm|open_clip|torch)/")
+PACKAGES = ("mmscale", "deepspeed", "transformers", "timm", "open_clip", "torch")
 COMM = re.compile(r"all_reduce|allreduce|all_gather|allgather|reduce_scatter|broadcast|gloo|nccl", re.IGNORECASE)
 
 
@@ -71,7 +71,8 @@ class PhaseTimer:
 
 class SyncCounter:
     """Counts reads of tensor values on the host (what waits for a GPU), by the package whose code
-    reads: the innermost caller outside torch itself (mmscale, deepspeed, transformers, timm, ...).
+    reads: the innermost caller outside torch itself (mmscale, deepspeed, transformers, timm, ...),
+    told by the calling frame's module name.
     Tensors marked `_mmscale_host` hold host values by design (the stop flag's CPU all-reduce) and
     are not counted. On CPU every read counts, also of values that a GPU run keeps on the host
     (e.g. torch's single-tensor Adam reads each parameter's step count; CUDA's fused Adam does not)."""
@@ -102,9 +103,11 @@ class SyncCounter:
             if not getattr(tensor, "_mmscale_host", False):
                 frame, who = sys._getframe(1), "other"
                 while frame is not None:
-                    package = PACKAGE.search(frame.f_code.co_filename)
-                    if package and package.group(1) != "torch":
-                        who = package.group(1)
+                    # by the module that runs, not its file's path: a checkout or venv under a
+                    # folder named mmscale/ must not make deepspeed's frames mmscale's
+                    package = frame.f_globals.get("__name__", "").partition(".")[0]
+                    if package in PACKAGES and package != "torch":
+                        who = package
                         break
                     frame = frame.f_back
                 counter.counts[who] += 1

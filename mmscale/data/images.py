@@ -36,11 +36,22 @@ def image_transform(size: int, train: bool):
     return T.Compose(head + [T.Lambda(_to_rgb), T.PILToTensor()])
 
 
+_MEAN_STD: dict = {}  # device -> (mean, std) as [1, 3, 1, 1] float32 tensors there
+
+
+def mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std on `device`, made once per device: built from Python lists at every
+    batch they would be two pageable host-to-device copies, each a wait for the GPU."""
+    device = torch.device(device)
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return _MEAN_STD[device]
+
+
 def normalize_images(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """uint8 [B, 3, H, W] (on any device) -> CLIP-normalised floats of `dtype`, computed in float32
     where the images are: (x / 255 - mean) / std, the values torchvision's ToTensor + Normalize give."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = mean_std(images.device)
     return ((images.float() / 255 - mean) / std).to(dtype)
 
 

@@ -57,3 +57,18 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer whose param_groups DeepSpeed reads the LR from (ZeRO wraps it)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
+
+
+def place_optimizer_state(opt: torch.optim.Optimizer) -> int:
+    """Moves every tensor of the optimizer's state to its parameter's device; returns how many
+    moved. A universal checkpoint is loaded on the CPU (ds_to_universal) and torch keeps a loaded
+    `step` where it was, while the fused CUDA Adam reads `step` as a device pointer: without this,
+    the first step after resuming on another number of GPUs would read host memory on the GPU."""
+    moved = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.device != p.device:
+                    state[k], moved = v.to(p.device), moved + 1
+    return moved

@@ -21,6 +21,7 @@ import sys
 
 from ..dist import barrier, broadcast_object, rank_and_world
 from ..files import RunDir, atomic_write
+from .backend import base_optimizer, place_optimizer_state
 
 TAG = re.compile(r"step\d+$")
 UNIVERSAL = ".universal"  # suffix of a converted copy of a checkpoint (removed at the next save)
@@ -125,6 +126,7 @@ class Checkpointer:
         path, client = self.engine.load_checkpoint(self.run.checkpoints, tag=tag)
         if path is None:
             return None
+        place_optimizer_state(base_optimizer(self.engine))
         for name, obj in self.state.items():
             if name not in client:
                 raise RuntimeError(f"{path}: the checkpoint has no {name!r} state (written by another mmscale "

@@ -5,9 +5,8 @@ from __future__ import annotations
 import signal
 
 import torch
-import torch.distributed as dist
 
-from ..dist import all_reduce_sum, rank_and_world
+from ..dist import HostFlag, all_reduce_sum, rank_and_world
 
 
 class TrainState:
@@ -41,7 +40,7 @@ class TrainState:
     def global_mean(value: torch.Tensor) -> float:
         """The mean over ranks of a per-rank value (the local-loss variant differs per rank); a
         collective, every rank calls it."""
-        return all_reduce_sum(float(value)) / rank_and_world()[1]
+        return all_reduce_sum(value) / rank_and_world()[1]
 
     def pop_mean_loss(self) -> dict:
         """{"train/loss": mean over ranks and steps since the last call}; a collective."""
@@ -66,15 +65,15 @@ class TrainState:
 class SkipCounter:
     """Unreadable samples replaced by the data pipeline, summed over ranks (see data/images.py)."""
 
-    def __init__(self, device):
-        self.device, self.count = device, 0
+    def __init__(self):
+        self.count = 0
 
     def add(self, n: int) -> None:
         self.count += n
 
     def total(self) -> int:
         """The run's total so far; a collective, every rank calls it."""
-        return int(all_reduce_sum(self.count, self.device))
+        return int(all_reduce_sum(self.count))
 
     def state_dict(self) -> dict:
         return {"total": self.total()}
@@ -91,31 +90,19 @@ class StopSignals:
     """SIGTERM / SIGUSR1 only set a flag: the step in flight (and its collectives) finishes,
     then every rank checkpoints together at the same step boundary.
 
-    The ranks agree through a CPU (gloo) group of their own, without waiting: each call to
-    requested() collects the all-reduce the previous call started and starts the next one, so
-    every rank learns of a signal at the same step, one step after it arrived, and the device is
-    never synchronised for it."""
+    The ranks agree through dist.HostFlag (a CPU group of their own, without waiting), so every
+    rank learns of a signal at the same step, one step after it arrived, and the device is never
+    synchronised for it."""
 
     def __init__(self):
         self.received = 0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
-        self.group = dist.new_group(backend="gloo") if rank_and_world()[1] > 1 else None
-        self.pending = None  # (work, flag) of the all-reduce in flight
+        self.flag = HostFlag()
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
     def requested(self) -> bool:
         """True on every rank once any rank got a stop signal (every rank calls it every step)."""
-        if self.group is None:
-            return bool(self.received)
-        stop = False
-        if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            stop = bool(flag.item())  # a CPU tensor: the host's own value, no device wait
-        flag = torch.tensor([self.received])
-        flag._mmscale_host = True  # tools/bench.py's sync count: a host value, not a device wait
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
-        return stop
+        return bool(self.flag.exchange(self.received))

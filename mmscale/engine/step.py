@@ -84,15 +84,34 @@ class TrainStep:
 
     def clamp_to_bounds(self) -> None:
         """Parameters with bounds (a learnt temperature) are clamped where the optimizer keeps its
-        master copy (the fp32 partition under ZeRO / bf16), and in the module's own copy, so the
-        value the forward sees and the one the optimizer updates agree and gradients keep flowing."""
-        if not self.bounds:
-            return
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        master copy, and in the module's own copy, so the value the forward sees and the one the
+        optimizer updates agree and gradients keep flowing."""
         for p, lo, hi in self.bounds:
-            master = safe_get_full_fp32_param(p)
-            if master is not None:
-                safe_set_full_fp32_param(p, master.clamp(lo, hi))
+            clamp_master(self.engine.optimizer, p, lo, hi)
             if p.numel():  # ZeRO-3 keeps only a partition, the forward then clamps
                 with torch.no_grad():
                     p.clamp_(lo, hi)
+
+
+def clamp_master(optimizer, p: torch.nn.Parameter, lo: float, hi: float) -> None:
+    """Clamps the fp32 master copy of p wherever DeepSpeed keeps it:
+    - ZeRO-3: this rank's partition of p (a [1] parameter lives on one rank, the others hold
+      nothing of it; the full-parameter API would write past their empty partitions);
+    - ZeRO 1/2 and the bf16 optimizer: p's fragment mapping (the full-parameter API writes each
+      rank's fragment);
+    - bf16 under ZeRO 0 (FP16_UnfusedOptimizer): its own fp32 copy of p, found by position;
+    - a bare torch optimizer: p itself (clamped by the caller)."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
+    if hasattr(p, "ds_id"):
+        local = safe_get_local_fp32_param(p)
+        if local is not None and local.numel():
+            safe_set_local_fp32_param(p, local.clamp(lo, hi))
+    elif getattr(p, "_hp_mapping", None) is not None:
+        safe_set_full_fp32_param(p, safe_get_full_fp32_param(p).clamp(lo, hi))
+    elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+        for low, master in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for q, m in zip(low, master):
+                if q is p:
+                    with torch.no_grad():
+                        m.clamp_(lo, hi)

@@ -19,6 +19,7 @@ from ..config import Config, check_world, save_config
 from ..data.stream import to_device
 from ..dist import barrier, current_device, init_distributed, rank_and_world
 from ..export import save_export
+from ..gradcache import check_exact
 from ..files import RunDir, atomic_write_json
 from ..tasks import Progress, Task
 from . import backend
@@ -49,6 +50,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = task.build_model()
+        if self.chunk < self.local_batch:
+            check_exact(model.named_towers())
         if self.rank == 0:  # after build_model: the task has filled in what the data decides
             save_config(cfg, self.run.config)
         if t.compile:
@@ -63,7 +66,7 @@ class Trainer:
         self.checkpoints.attach(self.engine)
         self.step_fn = TrainStep(self.engine, task, self.local_batch, self.chunk)
 
-        self.state, self.skipped = TrainState(self.device), SkipCounter(self.device)
+        self.state, self.skipped = TrainState(self.device), SkipCounter()
         self.early = EarlyStopping(t.early_stopping)
         self.plateau = Plateau(cfg.optim.plateau, backend.base_optimizer(self.engine)) \
             if cfg.optim.schedule == "plateau" else None
@@ -187,15 +190,16 @@ class Trainer:
                 self.logger.log({"event": "preempted", "step": step, "signal": self.stop.received})
                 return {"step": step, "preempted": True}
         bar.close()
-        self.checkpoints.save(self.state.step)
         return self.finish()
 
     def finish(self) -> dict:
-        """results.json: the final evaluation, or with early stopping the best one (whose
-        weights the export already holds)."""
+        """The final evaluation, then the final checkpoint (so it carries what the evaluation
+        changed, as the periodic ones do), the export and results.json: the final evaluation, or
+        with early stopping the best one (whose weights the export already holds)."""
         step, (eval_step, metrics) = self.state.step, self.last_eval
         # an early stop comes right after an evaluation of this very step: no second one
         results = {"step": step, **(metrics if eval_step == step else self.evaluate())}
+        self.checkpoints.save(step)
         if self.early.enabled:
             best = self.early.best
             results = {"step": step, "best_step": best["step"], **best["metrics"]}
