@@ -37,13 +37,15 @@ NCCL_TIMEOUT_MARGIN_S = 60  # NCCL's own timeout sits this far above the heartbe
 def launcher_env(env=os.environ) -> dict:
     """What the process group needs from the launcher, as torchrun/deepspeed set it (RANK,
     LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Under a bare `srun` (SLURM_NTASKS tasks, no
-    torchrun) these come from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, the port from the job id
+    torchrun) these come from SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS, the port from the job id
     (every task computes the same one); a plain `python` run is one rank on this host."""
     if "RANK" in env:
         return {}
-    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script's own `python` (where
+    # SLURM_PROCID=0 and SLURM_NTASKS are set too) stays a one-rank run instead of waiting for peers
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if ntasks > 1 and "SLURM_PROCID" in env:
-        nodes = int(env.get("SLURM_NNODES", "1") or 1)
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 else None)
         if addr is None:
             raise RuntimeError(
@@ -52,7 +54,7 @@ def launcher_env(env=os.environ) -> dict:
                 "through slurm/pretrain.sh")
         port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
         return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-                "WORLD_SIZE": str(ntasks), "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", str(ntasks // nodes)),
+                "WORLD_SIZE": str(ntasks), "LOCAL_WORLD_SIZE": str(max(1, ntasks // nodes)),
                 "MASTER_ADDR": addr, "MASTER_PORT": port}
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": env.get("MASTER_PORT", str(_free_port()))}

@@ -210,18 +210,21 @@ def test_the_comm_device_follows_the_backend(monkeypatch):
 
 
 def test_srun_without_a_launcher_maps_slurm_variables():
-    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2",
-           "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_ID": "12345", "MASTER_ADDR": "node0"}
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
+           "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": "12345", "MASTER_ADDR": "node0"}
     got = md.launcher_env(env)
     assert got == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
                    "MASTER_ADDR": "node0", "MASTER_PORT": str(20000 + 12345 % 20000)}
-    one_node = md.launcher_env({**env, "SLURM_NNODES": "1", "MASTER_ADDR": ""})
+    one_node = md.launcher_env({**env, "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": ""})
     assert one_node["MASTER_ADDR"] == "127.0.0.1"
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):  # several nodes, nobody named rank 0's host
         md.launcher_env({k: v for k, v in env.items() if k != "MASTER_ADDR"})
     assert md.launcher_env({**env, "RANK": "0"}) == {}  # torchrun/deepspeed already set it
-    single = md.launcher_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
+    single = md.launcher_env({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"})
     assert single["WORLD_SIZE"] == "1" and single["RANK"] == "0"
+    # a batch script's own python: SLURM_PROCID=0 and SLURM_NTASKS=8, but no srun step
+    batch = md.launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"})
+    assert batch["WORLD_SIZE"] == "1"
 
 
 def test_group_timeouts_reach_groups_created_without_one(monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port
+from helpers import fp32_master
 from mmscale.engine.schedule import lr_lambda
 
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -264,20 +265,6 @@ def test_a_nonfinite_batch_is_skipped_and_training_goes_on(tmp_path):
     assert [r["nonfinite_steps"] for r in records if "loss" in r][-1] == 3
     weights = load_file(os.path.join(run_dir, "export", "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
-
-
-def fp32_master(run_dir, tag, stage):
-    """log(1/tau)'s float32 master copy in a checkpoint: under ZeRO 1-3 the consolidated
-    partitions; bf16 under ZeRO 0 keeps its own fp32 copies (FP16_UnfusedOptimizer's fp32_groups)
-    in the order of the model's trainable parameters."""
-    from mmscale.export import checkpoint_state_dict, load_model
-    if stage:
-        return checkpoint_state_dict(os.path.join(run_dir, "checkpoints"), tag, stage)["logit_scale.log_value"]
-    sd = torch.load(os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                    weights_only=False)
-    names = [n for n, p in load_model(run_dir)[0].named_parameters() if p.requires_grad]
-    assert len(names) == len(sd["optimizer"]["fp32_groups"][0])
-    return sd["optimizer"]["fp32_groups"][0][names.index("logit_scale.log_value")]
 
 
 @pytest.mark.slow

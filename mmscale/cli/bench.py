@@ -258,7 +258,7 @@ def open_clip_overrides(model: str) -> list[str]:
             "model.fusion.type=none", "model.learn_temperature=true"]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmscale-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="the recipe whose step is measured (default: none; required unless --table)")
@@ -282,6 +282,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="where to write the results (default: runs/bench/<recipe>-<time>.json)")
     p.add_argument("--table", nargs="+", metavar="JSON",
                    help="print earlier results as one markdown table instead of measuring (default: measure)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)  # overrides may come after options
     if args.table:
         print(table([json.load(open(f)) for f in args.table]))
