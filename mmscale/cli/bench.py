@@ -293,6 +293,9 @@ def main(argv=None) -> int:
         return 0
     if not args.recipe:
         p.error("give a recipe (or --table JSON...)")
+    if args.vs_open_clip and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would start open_clip's trainer (a process group of its own) on the same GPUs
+        p.error("--vs-open-clip runs in one process: start mmscale-bench with plain python, not a launcher")
 
     import torch
     from mmscale.config import ConfigError, load_config
