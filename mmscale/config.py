@@ -272,7 +272,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Runs at train.eval_every steps and at the end, on every rank (see mmscale/evaluate.py).
+    # Runs at train.eval_every steps and at the end, on every rank (see mmscale/eval/evaluators.py).
     zeroshot: bool = True  # zero-shot on the held-out split of digits/imagefolder training data
     # template strings with "{}" and/or presets: cmla, cifar, openai_imagenet, simple_imagenet
     templates: list = field(default_factory=lambda: ["a photo of a {}."])

@@ -15,7 +15,6 @@ from conftest import PY, ROOT, free_port
 from helpers import fp32_master
 from mmscale.engine.schedule import lr_lambda
 
-TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 
 
 def launch(run_dir, *overrides, ranks=2):
