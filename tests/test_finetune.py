@@ -261,6 +261,31 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", [["loss.contrastive=m3col", "loss.m3co_fraction=0.5"], ["loss.mixup=true"]],
+                         ids=["m3col", "mixup"])
+def test_two_ranks_equal_one_process_with_mixing(tmp_path, method):
+    """M3CoL (the paper's draws) and the mixup baseline on tabular views: the partners are drawn
+    over the global batch from the step's seed, so a sample on rank 0 can be mixed with one on
+    rank 1 and 2 ranks give the one-process losses and updates."""
+    root = write_views(str(tmp_path / "v"))
+    over = views_config(root, *SMALL, *method, "train.checkpoint_every=0", "train.eval_every=0")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    finish(run_train(one, over))
+    finish(run_train(two, over, ranks=2))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == list(range(1, 13))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    wa = load_file(os.path.join(one, "export", "model.safetensors"))
+    wb = load_file(os.path.join(two, "export", "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert [r["scope"] for r in records(two) if r.get("event") == "mixing"] == ["global"]
+    if "loss.mixup=true" not in method:
+        assert "loss_m3co" in [r for r in records(one) if "loss" in r][0]
+
+
+@pytest.mark.slow
 def test_preempted_m3col_run_resumes_exactly(tmp_path):
     """SIGTERM to the whole process group (loader workers included) mid-run: the engine checkpoints
     at the next step and exits 75; rerunning continues with the same mixup draws and the same
