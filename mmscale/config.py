@@ -156,11 +156,12 @@ class ClassifyLossConfig:
     m3co_fraction: float = 0.3333
     mixup_alpha: float = 0.15  # lambda ~ Beta(alpha, alpha) for m3co and for input mixup
     mixup: bool = False  # input mixup with mixed-label CE on the fused head (the mixup baseline)
-    # M3Co: what is mixed (eq. 2: the inputs; the authors' code: the encoders' outputs), whether
-    # all modalities share one lambda_i and partner k (eq. 2) or draw their own (the authors' code),
-    # and the share of rows mixed (the others keep lambda = 1; the authors' code: 0.5)
+    # M3Co: what is mixed (eq. 2: the inputs; the authors' code: the encoders' outputs), the draws
+    # (paper, eq. 2: one lambda_i, partner j for modality 1 and an independent k for modality 2;
+    # shared: one partner for all; per_modality: lambda and partner per modality, the authors'
+    # code), and the share of rows mixed (the others keep lambda = 1; the authors' code: 0.5)
     m3co_mix: Literal["inputs", "embeddings"] = "inputs"
-    m3co_draws: Literal["shared", "per_modality"] = "shared"
+    m3co_draws: Literal["paper", "shared", "per_modality"] = "paper"
     m3co_mix_prob: float = 1.0
     # M3Co and MultiSoftClip over all ordered modality pairs, or cyclic m -> m+1 (the authors' code)
     contrastive_pairs: Literal["all", "cyclic"] = "all"
@@ -177,6 +178,9 @@ class CBMFLossConfig:
     # soft: eq. 5 as written (gradients through the targets); soft_detached: no gradient through
     # them; hard: InfoNCE with T = I (the authors' code)
     cbmf_targets: Literal["soft", "soft_detached", "hard"] = "soft"
+    # eq. 5's "/ 2 . tau": divide, (<x_i,x_j> + <y_i,y_j>) / (2 tau) (the logits' temperature), or
+    # multiply, (<x_i,x_j> + <y_i,y_j>) / 2 * tau as the line reads left to right
+    cbmf_target_scale: Literal["divide", "multiply"] = "divide"
 
 
 MODEL_CONFIGS = {"clip": ClipModelConfig, "classify": ClassifyModelConfig, "cbmf": CBMFModelConfig}

@@ -54,18 +54,27 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def soft_target_contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
-                                 targets: str = "soft") -> torch.Tensor:
+                                 targets: str = "soft", scale_targets: str = "divide") -> torch.Tensor:
     """CBMF eq. 3-6, for the L2-normalised embeddings of the two modalities.
 
-    S = a b^T / tau (eq. 3); intra-modal similarities a a^T and b b^T (eq. 4) give soft targets
-    T = softmax((a a^T + b b^T) / (2 tau)) row-wise (eq. 5); L = 1/2 [CE(S, T) + CE(S^T, T^T)] (eq. 6).
+    S = a b^T / tau (eq. 3: image to text, eq. 4: text to image as S^T); the intra-modal
+    similarities a a^T and b b^T give soft targets T = softmax((a a^T + b b^T) / (2 tau)) row-wise
+    (eq. 5); L = 1/2 [CE(S, T) + CE(S^T, T^T)] (eq. 6).
+
+    scale_targets (loss.cbmf_target_scale): eq. 5 prints "(<x_i,x_j> + <y_i,y_j>) / 2 . tau".
+    "divide" reads it as / (2 tau), the logits' own temperature (the default); "multiply" reads it
+    left to right, * tau / 2 (the expression `(sim_a + sim_b) / 2 * temperature` of the CLIP
+    tutorial code this loss descends from). The authors' code (b-faye/lightweightCRL,
+    text_image/*/model.py, Model.forward) has no soft targets at all (see `hard` below), so it
+    does not decide between the two readings.
     Pairs of samples that are alike within both modalities share target mass, so near-duplicates
     are not pushed apart as hard negatives.
 
     targets (loss.cbmf_targets): "soft" is eq. 5 as written, gradients through T too (the paper
     writes no stop-gradient; T then has a fixed point where every embedding is the same, see
     docs/RESULTS.md); "soft_detached" stops the gradient at T; "hard" is T = I, plain symmetric
-    InfoNCE, which is what the authors' code (b-faye/lightweightCRL, model.py) trains with.
+    InfoNCE, which is what the authors' code trains with (b-faye/lightweightCRL, e.g.
+    text_image/addition/model.py lines 286-291: logits * exp(t), labels = arange, both directions).
     """
     a, b = a.float(), b.float()
     scale = logit_scale.float().reshape(())
@@ -75,7 +84,10 @@ def soft_target_contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: 
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     if targets not in ("soft", "soft_detached"):
         raise ValueError(f"loss.cbmf_targets: {targets!r} is not soft, soft_detached or hard")
-    t = F.softmax(scale * (a @ a.T + b @ b.T) / 2, dim=-1)
+    if scale_targets not in ("divide", "multiply"):
+        raise ValueError(f"loss.cbmf_target_scale: {scale_targets!r} is not divide or multiply")
+    sims = (a @ a.T + b @ b.T) / 2
+    t = F.softmax(sims * scale if scale_targets == "divide" else sims / scale, dim=-1)
     if targets == "soft_detached":
         t = t.detach()
     return 0.5 * (soft_cross_entropy(logits, t) + soft_cross_entropy(logits.T, t.T))
@@ -170,8 +182,10 @@ def m3co_loss(mixed: list[torch.Tensor], clean: list[torch.Tensor], perms: list[
     """M3CoL's mixup contrastive loss M3Co (eq. 6-8, 12), summed over ordered modality pairs.
 
     Modality m's sample i is mixed with sample k = perm_m[i] with weight lambda_i (eq. 2: one
-    lambda_i and one k for all modalities; the model draws them, see FusionClassifier); its
-    embedding p~_i must match the other modality's clean embeddings q_i and q_k in those
+    lambda_i for all modalities, the partner drawn per modality, j for modality 1 and k for
+    modality 2; layers.draw_mixing draws them); the targets of modality m's mixed anchor come from
+    its own perm_m (eq. 6: p_j^(2) for the mixed modality 1, eq. 7: p_k^(1) for the mixed modality
+    2). Its embedding p~_i must match the other modality's clean embeddings q_i and q_k in those
     proportions, and each clean q_j must find, among all the mixed p~, the samples it was mixed
     into. With S = p~ q^T / tau (rows and columns L2-normalised) and T_ij = lambda_i [j = i] +
     (1 - lambda_i) [j = k_i]:
@@ -179,7 +193,7 @@ def m3co_loss(mixed: list[torch.Tensor], clean: list[torch.Tensor], perms: list[
         mixed anchor (eq. 6, 7, first terms):  -1/N sum_i sum_j T_ij log softmax_j(S_i.)
         clean anchor (eq. 6, 7, the reverse):  -1/N sum_j sum_i T_ij log softmax_i(S_.j)
                                               (CE of S^T against the transposed targets T^T)
-        l(m -> n) = 1/2 [mixed anchor + clean anchor]              (1/2 per pair, eq. 12)
+        l(m -> n) = 1/2 [mixed anchor + clean anchor]              (the 1/2 of eq. 8)
         L = sum over ordered pairs (m, n), m != n, of l(m -> n)    (eq. 8; eq. 12 for M > 2)
 
     pairs (loss.contrastive_pairs): "all" as above; "cyclic" is the authors' ROSMAP code
@@ -196,14 +210,15 @@ def m3co_loss(mixed: list[torch.Tensor], clean: list[torch.Tensor], perms: list[
 
 def multisoftclip_loss(embeddings: list[torch.Tensor], tau: float = 0.1, pairs: str = "all",
                        reverse: str = "transposed") -> torch.Tensor:
-    """M3CoL's MultiSoftClip (eq. 9-11), summed over ordered modality pairs.
+    """M3CoL's MultiSoftClip (eq. 9-11; eq. 13 for M > 2), summed over ordered modality pairs.
 
     Soft targets come from the target modality's own similarities: with p = normalised
     embeddings of m, q of n, S = p q^T / tau and T = softmax_rows(q q^T / tau),
 
         forward (eq. 9, 10):  -1/N sum_i sum_j T_ij log softmax_j(S_i.)
         reverse:              -1/N sum_j sum_i T_ij log softmax_i(S_.j)   (S^T against T^T)
-        l(m -> n) = 1/2 [forward + reverse];  L = sum over ordered m != n of l(m -> n) (eq. 11)
+        l(m -> n) = 1/2 [forward + reverse] (the 1/2 of eq. 11);
+        L = sum over ordered m != n of l(m -> n)    (eq. 11; eq. 13 for M > 2)
 
     reverse (loss.multisoftclip_reverse): "transposed" as above; "rows" is the authors' code
     (model/utils.py, soft_clip_loss), whose reverse term reads T's rows, CE(S^T, T), i.e. anchor

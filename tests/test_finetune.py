@@ -115,7 +115,7 @@ def test_m3col_recipes_paper_and_code():
     paper = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap.yaml"), check_files=False).loss
     code = load_config(os.path.join(ROOT, "recipes", "m3col_rosmap_code.yaml"), check_files=False).loss
     assert (paper.m3co_mix, paper.m3co_draws, paper.m3co_mix_prob, paper.contrastive_pairs,
-            paper.multisoftclip_reverse, paper.multisoftclip_tau) == ("inputs", "shared", 1.0, "all", "transposed", 0.0)
+            paper.multisoftclip_reverse, paper.multisoftclip_tau) == ("inputs", "paper", 1.0, "all", "transposed", 0.0)
     assert (code.m3co_mix, code.m3co_draws, code.m3co_mix_prob, code.contrastive_pairs,
             code.multisoftclip_reverse, code.multisoftclip_tau) == ("embeddings", "per_modality", 0.5, "cyclic", "rows", 0.125)
     with pytest.raises(ConfigError, match="loss.m3co_mix_prob"):
@@ -147,13 +147,25 @@ def test_xavier_init_is_xavier_normal_with_zero_bias():
 
 
 def test_m3co_draws_mixing_point_and_share():
-    """shared: one partner and lambda for every modality (eq. 2); per_modality: a draw each (the
-    authors' code); at=embeddings mixes the encoders' outputs; prob leaves the other rows at 1."""
+    """paper (eq. 2, the default): one lambda_i, modality a mixed with partner j(i) and b with an
+    independent k(i), each a permutation; shared: one partner and lambda for every modality;
+    per_modality: a draw each (the authors' code); at=embeddings mixes the encoders' outputs; prob
+    leaves the other rows at 1."""
     model = classifier()
     g = torch.Generator().manual_seed(0)
     batch = {"a": torch.randn(16, 5, generator=g), "b": torch.randn(16, 7, generator=g), "label": torch.arange(16) % 3}
     torch.manual_seed(1)
-    out = model.train()(batch, mix="m3co")
+    paper = model.train()(batch, mix="m3co")
+    j, k, lam = paper["mix_perm/a"], paper["mix_perm/b"], paper["mix_lambda/a"]
+    assert torch.equal(lam, paper["mix_lambda/b"]) and not torch.equal(j, k)
+    assert sorted(j.tolist()) == sorted(k.tolist()) == list(range(16))  # without replacement
+    for i in range(16):  # eq. 2, row by row: x~_{i,j}^(1) and x~_{i,k}^(2)
+        xa = lam[i] * batch["a"][i] + (1 - lam[i]) * batch["a"][j[i]]
+        xb = lam[i] * batch["b"][i] + (1 - lam[i]) * batch["b"][k[i]]
+        assert torch.allclose(paper["mix_emb/a"][i], model.encoders["a"](xa[None])[0], atol=1e-6)
+        assert torch.allclose(paper["mix_emb/b"][i], model.encoders["b"](xb[None])[0], atol=1e-6)
+    torch.manual_seed(1)
+    out = model(batch, mix="m3co", draws="shared")
     assert torch.equal(out["mix_perm/a"], out["mix_perm/b"]) and torch.equal(out["mix_lambda/a"], out["mix_lambda/b"])
     perm, lam = out["mix_perm/a"], out["mix_lambda/a"]
     lam_ = lam[:, None]
@@ -161,12 +173,13 @@ def test_m3co_draws_mixing_point_and_share():
     torch.manual_seed(1)
     own = model(batch, mix="m3co", draws="per_modality")
     assert not torch.equal(own["mix_perm/a"], own["mix_perm/b"])
+    assert not torch.equal(own["mix_lambda/a"], own["mix_lambda/b"])
     torch.manual_seed(1)
-    emb = model(batch, mix="m3co", at="embeddings")
+    emb = model(batch, mix="m3co", draws="shared", at="embeddings")
     e = out["emb/b"]
     assert torch.allclose(emb["mix_emb/b"], lam_ * e + (1 - lam_) * e[perm], atol=1e-6)
     torch.manual_seed(1)
-    half = model(batch, mix="m3co", prob=0.5)["mix_lambda/a"]
+    half = model(batch, mix="m3co", draws="shared", prob=0.5)["mix_lambda/a"]
     assert 0 < (half == 1).sum() < 16 and torch.equal(half[half != 1], lam[half != 1])
     assert set(model.eval()(batch, mix="m3co")) == set(model(batch))  # no mixing in evaluation
 
@@ -245,6 +258,34 @@ def test_two_ranks_equal_one_process(tmp_path):
     evals = [r for r in records(one) if "test/acc" in r]
     assert [r["step"] for r in evals] == [6, 12] and {"test/auc", "test/acc_a", "test/f1_macro"} <= set(evals[-1])
     assert evals[-1]["test/acc_a"] > 0.9 > evals[-1]["test/acc_b"]  # view 1 carries the labels, view 2 is noise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["loss.contrastive=m3col", "loss.m3co_fraction=0.5"], ["loss.mixup=true"],
+                                    ["loss.contrastive=m3col", "loss.m3co_fraction=0.5", "loss.m3co_mix=embeddings",
+                                     "loss.m3co_draws=per_modality", "loss.m3co_mix_prob=0.5"]],
+                         ids=["m3col", "mixup", "m3col_code_embeddings"])
+def test_two_ranks_equal_one_process_with_mixing(tmp_path, method):
+    """M3CoL (the paper's draws; and the authors' code's embedding mixing) and the mixup baseline
+    on tabular views: the partners are drawn over the global batch from the step's seed, so a
+    sample on rank 0 can be mixed with one on rank 1 and 2 ranks give the one-process losses and
+    updates."""
+    root = write_views(str(tmp_path / "v"))
+    over = views_config(root, *SMALL, *method, "train.checkpoint_every=0", "train.eval_every=0")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    finish(run_train(one, over))
+    finish(run_train(two, over, ranks=2))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == list(range(1, 13))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    wa = load_file(os.path.join(one, "export", "model.safetensors"))
+    wb = load_file(os.path.join(two, "export", "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert [r["scope"] for r in records(two) if r.get("event") == "mixing"] == ["global"]
+    if "loss.mixup=true" not in method:
+        assert "loss_m3co" in [r for r in records(one) if "loss" in r][0]
 
 
 @pytest.mark.slow

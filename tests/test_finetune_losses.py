@@ -42,16 +42,22 @@ def unit(u):
 # ---------------------------------------------------------------- transcriptions of the papers
 
 
-def cbmf_eq_3_6(a, b, logit_scale, second="T^T"):
+def cbmf_eq_3_6(a, b, logit_scale, second="T^T", reading="divide"):
     """S_ij = a_i.b_j / tau,  T_ij = exp((a_i.a_j + b_i.b_j)/2tau) / sum_k exp((a_i.a_k + b_i.b_k)/2tau),
     L = 1/2 [ -1/N sum_i sum_j T_ij log(exp S_ij / sum_k exp S_ik)  +  second term ].
     second="T^T": the transposed logits S^T against the transposed targets T^T, row-wise (eq. 6 as
                   CE(S^T, T^T)):  -1/N sum_j sum_i T_ij log(exp S_ij / sum_k exp S_kj)
-    second="T":   the same with T_ji in place of T_ij (row j of T, i.e. CE(S^T, T))."""
+    second="T":   the same with T_ji in place of T_ij (row j of T, i.e. CE(S^T, T)).
+    reading: eq. 5's "(<x_i,x_j> + <y_i,y_j>) / 2 . tau" as / (2 tau) ("divide") or, left to right,
+             as / 2 then * tau ("multiply")."""
     n = len(a)
     tau = 1 / logit_scale[0]
     s = [[dot(a[i], b[j]) / tau for j in range(n)] for i in range(n)]
-    e = [[torch.exp((dot(a[i], a[k]) + dot(b[i], b[k])) / (2 * tau)) for k in range(n)] for i in range(n)]
+
+    def eq5_exponent(i, k):
+        inner = dot(a[i], a[k]) + dot(b[i], b[k])
+        return inner / (2 * tau) if reading == "divide" else inner / 2 * tau
+    e = [[torch.exp(eq5_exponent(i, k)) for k in range(n)] for i in range(n)]
     t = [[e[i][j] / sum(e[i]) for j in range(n)] for i in range(n)]
     first = -sum(t[i][j] * torch.log(torch.exp(s[i][j]) / sum(torch.exp(s[i][k]) for k in range(n)))
                  for i in range(n) for j in range(n)) / n
@@ -145,6 +151,30 @@ def m3col_eq_6_8_12(mixed, clean, perms, lambdas, tau=0.1, pairs="all", reverse=
     return total
 
 
+def m3co_eq_2_6_8(p1, p2, pt1, pt2, j, k, lam, tau=0.1):
+    """Two modalities, eq. 5-8 term by term. p1, p2: clean embeddings; pt1 = p~^(1) (sample i's
+    modality 1 mixed with j_i, eq. 2), pt2 = p~^(2) (modality 2 mixed with k_i); one lam_i for both.
+    L_sim(u, V; m) = -log(exp(u.V_m/tau) / sum_l exp(u.V_l/tau)), every vector L2-normalised;
+    L^(1) = 1/N sum_i [lam_i L_sim(pt1_i, p2; i) + (1 - lam_i) L_sim(pt1_i, p2; j_i)]
+          + 1/N sum_i {lam_i L_sim(p2_i, pt1; i) + (1 - lam_i) L_sim(p2_{j_i}, pt1; i)}     (eq. 6)
+    L^(2) the same with pt2, p1 and k                                                  (eq. 7)
+    L = 1/2 (L^(1) + L^(2))                                                            (eq. 8)"""
+    n = len(p1)
+    p1, p2 = [unit(v) for v in p1], [unit(v) for v in p2]
+    pt1, pt2 = [unit(v) for v in pt1], [unit(v) for v in pt2]
+
+    def l_sim(u, vs, m):
+        return -torch.log(torch.exp(dot(u, vs[m]) / tau) / sum(torch.exp(dot(u, v) / tau) for v in vs))
+
+    def eq_6(mixed, other, partner):
+        first = sum(lam[i] * l_sim(mixed[i], other, i) + (1 - lam[i]) * l_sim(mixed[i], other, int(partner[i]))
+                    for i in range(n)) / n
+        second = sum(lam[i] * l_sim(other[i], mixed, i) + (1 - lam[i]) * l_sim(other[int(partner[i])], mixed, i)
+                     for i in range(n)) / n
+        return first + second
+    return 0.5 * (eq_6(pt1, p2, j) + eq_6(pt2, p1, k))
+
+
 def multisoftclip_eq_9_11(embeddings, tau=0.1, pairs="all", reverse="transposed"):
     """For an ordered pair (m, n), p = unit(emb_m), q = unit(emb_n), t_ij = softmax_j(q_i.q_j/tau):
     forward  -1/N sum_i sum_j t_ij log softmax_j(p_i.q_j/tau)
@@ -203,6 +233,30 @@ def test_soft_target_matches_cbmf_eq_3_6_value_and_gradients():
     s = det_in[2] * det_in[0] @ det_in[1].T
     (0.5 * (-(t * s.log_softmax(-1)).sum(-1).mean() - (t.T * s.T.log_softmax(-1)).sum(-1).mean())).backward()
     assert not torch.allclose(det_in[0].grad, ref_in[0].grad, atol=1e-3)
+
+
+def test_cbmf_target_scale_both_readings_of_eq_5():
+    """loss.cbmf_target_scale: "divide" (T's exponent / (2 tau)) and "multiply" (/ 2 * tau) each
+    match their transcription of eq. 3-6 in value and gradients (tau included); tau != 1 tells
+    them apart."""
+    a, b = rand(N, D, seed=3, normalize=True), rand(N, D, seed=4, normalize=True)
+    scale = torch.tensor([1 / 0.3])
+    values = {}
+    for reading in ("divide", "multiply"):
+        ours_in = [a.clone().requires_grad_(), b.clone().requires_grad_(), scale.clone().requires_grad_()]
+        ours = soft_target_contrastive_loss(*ours_in, scale_targets=reading)
+        ours.backward()
+        ref_in = leaves64([a, b, scale])
+        ref = cbmf_eq_3_6(*ref_in, reading=reading)
+        ref.backward()
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-5), reading
+        for got, want in zip(grads(ours_in), grads(ref_in)):
+            assert torch.allclose(got.double(), want, atol=1e-5), reading
+        values[reading] = ours.item()
+    assert abs(values["divide"] - values["multiply"]) > 1e-2
+    assert values["divide"] == pytest.approx(soft_target_contrastive_loss(a, b, scale).item())  # the default
+    with pytest.raises(ValueError, match="cbmf_target_scale"):
+        soft_target_contrastive_loss(a, b, scale, scale_targets="other")
 
 
 def test_soft_target_on_a_regular_polygon_is_the_target_entropy():
@@ -412,6 +466,28 @@ def test_m3co_matches_eq_6_8_12_value_and_gradients(m_count, pairs):
         other = "cyclic" if pairs == "all" else "all"
         alt = m3co_loss(mixed, clean, perms, lambdas, pairs=other).item()
         assert (abs(alt - ours.item()) > 1e-2) == (m_count > 2)
+
+
+def test_m3co_paper_draws_match_eq_2_6_8_with_j_not_k():
+    """The paper's draws: modality 1 mixed with partners j, modality 2 with other partners k,
+    one lambda_i. m3co_loss with perms [j, k] and the shared lambda is eq. 6-8 transcribed term by
+    term (value and gradients); sharing the partner (j for both) is a different loss."""
+    j, k = torch.tensor([3, 0, 5, 1, 2, 4]), torch.tensor([1, 4, 0, 5, 3, 2])
+    assert sorted(j.tolist()) == sorted(k.tolist()) == list(range(N)) and (j != k).all()
+    lam = torch.tensor([0.9, 0.2, 0.55, 0.05, 0.7, 0.35])
+    p1, p2 = rand(N, D, seed=61), rand(N, D, seed=62)
+    pt1, pt2 = rand(N, D, seed=63), rand(N, D, seed=64)
+    ours_in = [t.clone().requires_grad_() for t in (pt1, pt2, p1, p2)]
+    ours = m3co_loss(ours_in[:2], ours_in[2:], [j, k], [lam, lam], tau=0.1)
+    ours.backward()
+    ref_in = leaves64([p1, p2, pt1, pt2])
+    ref = m3co_eq_2_6_8(*ref_in, j, k, lam.double(), tau=0.1)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, want in zip(grads(ours_in), [ref_in[2].grad, ref_in[3].grad, ref_in[0].grad, ref_in[1].grad]):
+        assert torch.allclose(got.double(), want, atol=1e-5)
+    shared = m3co_loss([pt1, pt2], [p1, p2], [j, j], [lam, lam], tau=0.1).item()
+    assert abs(shared - ours.item()) > 1e-2
 
 
 @pytest.mark.parametrize("m_count", [2, 3])

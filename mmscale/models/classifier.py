@@ -11,9 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ClassifyModelConfig, ConfigError, ModalityConfig
-from .layers import mix, mlp
-
-layers_mix = mix  # forward's `mix` argument shadows the function there
+from .layers import blend, draw_mixing, mlp
 from .towers import Tower, build_tower
 
 MIX_MODES = ("none", "m3co", "mixup")
@@ -37,8 +35,9 @@ class TabularEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def forward_mixed(self, x: torch.Tensor, perm, lam) -> torch.Tensor:
-        return self.net(mix(x, perm, lam))
+    def forward_mixed(self, x: torch.Tensor, partner: torch.Tensor, lam) -> torch.Tensor:
+        """The encoding of lambda_i x_i + (1 - lambda_i) partner_i."""
+        return self.net(blend(x, partner, lam))
 
 
 class TowerEncoder(nn.Module):
@@ -55,12 +54,13 @@ class TowerEncoder(nn.Module):
         h = self.tower(x) if self.kind == "image" else self.tower(x["input_ids"], x["attention_mask"])
         return self.proj(h)
 
-    def forward_mixed(self, x, perm, lam) -> torch.Tensor:
+    def forward_mixed(self, x, partner, lam) -> torch.Tensor:
+        """The encoding of x mixed with partner (same structure, one partner row per row)."""
         if self.kind == "image":
-            return self.forward(mix(x, perm, lam))
+            return self.forward(blend(x, partner, lam))
         # discrete tokens cannot be interpolated: mix their embeddings, attend to either's tokens
-        embeds = mix(self.tower.embed_tokens(x["input_ids"]), perm, lam)
-        mask = torch.maximum(x["attention_mask"], x["attention_mask"][perm])
+        embeds = blend(self.tower.embed_tokens(x["input_ids"]), self.tower.embed_tokens(partner["input_ids"]), lam)
+        mask = torch.maximum(x["attention_mask"], partner["attention_mask"])
         return self.proj(self.tower.forward_embeds(embeds, mask))
 
 
@@ -70,6 +70,11 @@ def build_encoder(mod: ModalityConfig, index: int, width: int) -> nn.Module:
             raise ConfigError(f"model.modalities.{index}.input_dim: unknown (the data sets it)")
         return TabularEncoder(mod.input_dim, list(mod.hidden_dims), width)
     return TowerEncoder(mod.kind, mod.tower, width)
+
+
+def select_rows(x, index: torch.Tensor):
+    """Rows `index` of a modality's input (a tensor, or a text's dict of tensors)."""
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
 
 
 def modality_inputs(batch: dict, name: str):
@@ -86,13 +91,20 @@ class FusionClassifier(nn.Module):
     Outputs per sample: logits (fused), logits/<m> (unimodal), emb/<m> (embeddings). In training,
     `mix` adds mixup outputs: "m3co" gives mix_emb/<m>, mix_perm/<m>, mix_lambda/<m> for M3Co;
     "mixup" (the mixup baseline) mixes every modality's input with one permutation and gives
-    mix_logits, mix_perm, mix_lambda. The draws come from torch's global RNG, which the engine
-    seeds per step; lambda ~ Beta(alpha, alpha).
+    mix_logits, mix_perm, mix_lambda.
 
-    M3Co's options (forward's arguments; loss.m3co_* in a recipe): `draws` shared (eq. 2: one
-    lambda_i and one partner k(i) for all modalities) or per_modality (the authors' code); `at`
-    inputs (eq. 2) or embeddings (the authors' code mixes the encoders' outputs); `prob`, the
-    share of rows mixed, the others keeping lambda = 1 (the authors' code: 0.5).
+    Where the partners come from: by default the model draws them over this call's rows from
+    torch's global RNG (which the engine seeds per step and rank); `partners` = {modality:
+    (partner_input, perm, lambda)} hands it partner rows drawn elsewhere (the task draws them over
+    the global batch, see ClassifyTask.forward), perm then being only reported. lambda ~
+    Beta(alpha, alpha).
+
+    M3Co's options (forward's arguments; loss.m3co_* in a recipe): `draws` paper (eq. 2: one
+    lambda_i, a partner permutation per modality: j for modality 1, k for modality 2), shared
+    (one lambda_i and one partner for every modality) or per_modality (the authors' code: both
+    drawn per modality), see layers.draw_mixing; `at` inputs (eq. 2) or embeddings (the authors'
+    code mixes the encoders' outputs); `prob`, the share of rows mixed, the others keeping
+    lambda = 1 (the authors' code: 0.5).
     """
 
     def __init__(self, cfg: ClassifyModelConfig, unimodal_heads: bool = True, mixup_alpha: float = 0.15):
@@ -117,15 +129,8 @@ class FusionClassifier(nn.Module):
     def tower(self, name: str) -> Tower:
         return self.encoders[name].tower
 
-    def _draw(self, n: int, device, prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        perm = torch.randperm(n).to(device)
-        lam = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha)).sample((n,))
-        if prob < 1:  # rows left unmixed keep lambda = 1
-            lam = torch.where(torch.rand(n) < prob, lam, torch.ones_like(lam))
-        return perm, lam.to(device)
-
-    def forward(self, batch: dict, mix: str = "none", draws: str = "shared", at: str = "inputs",
-                prob: float = 1.0) -> dict:
+    def forward(self, batch: dict, mix: str = "none", draws: str = "paper", at: str = "inputs",
+                prob: float = 1.0, partners: dict | None = None) -> dict:
         if mix not in MIX_MODES:
             raise ValueError(f"mix: {mix!r} is not one of {MIX_MODES}")
         inputs = {n: modality_inputs(batch, n) for n in self.names}
@@ -137,19 +142,28 @@ class FusionClassifier(nn.Module):
                 out[f"logits/{n}"] = self.heads[n](emb[n])
         if not self.training or mix == "none":
             return out
-        rows = len(batch["label"])
         device = out["logits"].device
+        if at not in ("inputs", "embeddings"):
+            raise ValueError(f"m3co mixing: at {at!r} is not inputs or embeddings")
+        if partners is None:  # drawn here, over this call's rows
+            rows = len(batch["label"])
+            drawn = draw_mixing(self.names, rows, self.alpha, draws if mix == "m3co" else "shared",
+                                prob if mix == "m3co" else 1.0)
+            partners = {}
+            for n, (perm, lam) in drawn.items():
+                perm, lam = perm.to(device), lam.to(device)
+                partners[n] = (emb[n][perm] if mix == "m3co" and at == "embeddings" else select_rows(inputs[n], perm),
+                               perm, lam)
+        elif at == "embeddings":
+            raise ValueError("m3co mixing at the embeddings with partners drawn elsewhere: mix the gathered embeddings")
         if mix == "m3co":
-            if draws not in ("shared", "per_modality") or at not in ("inputs", "embeddings"):
-                raise ValueError(f"m3co mixing: draws {draws!r} (shared, per_modality), at {at!r} (inputs, embeddings)")
-            shared = self._draw(rows, device, prob) if draws == "shared" else None
             for n in self.names:
-                perm, lam = shared or self._draw(rows, device, prob)
-                mixed = layers_mix(emb[n], perm, lam) if at == "embeddings" else \
-                    self.encoders[n].forward_mixed(inputs[n], perm, lam)
+                partner, perm, lam = partners[n]
+                mixed = blend(emb[n], partner, lam) if at == "embeddings" else \
+                    self.encoders[n].forward_mixed(inputs[n], partner, lam)
                 out.update({f"mix_emb/{n}": mixed, f"mix_perm/{n}": perm, f"mix_lambda/{n}": lam})
         else:
-            perm, lam = self._draw(rows, device)
-            mixed = [self.encoders[n].forward_mixed(inputs[n], perm, lam) for n in self.names]
+            _, perm, lam = partners[self.names[0]]
+            mixed = [self.encoders[n].forward_mixed(inputs[n], partners[n][0], lam) for n in self.names]
             out.update(mix_logits=self.fused_head(torch.cat(mixed, -1)), mix_perm=perm, mix_lambda=lam)
         return out

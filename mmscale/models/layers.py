@@ -47,10 +47,52 @@ class LogitScale(nn.Module):
         return {self.log_value: (None, self.MAX)} if isinstance(self.log_value, nn.Parameter) else {}
 
 
+def blend(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lambda_i x_i + (1 - lambda_i) partner_i, lambda broadcast over the trailing dims."""
+    lam = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return lam * x + (1 - lam) * partner
+
+
 def mix(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """lambda_i x_i + (1 - lambda_i) x_perm(i), lambda broadcast over the trailing dims."""
-    lam = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-    return lam * x + (1 - lam) * x[perm]
+    return blend(x, x[perm], lam)
+
+
+MIX_DRAWS = ("paper", "shared", "per_modality")
+
+
+def draw_mixing(names: list[str], n: int, alpha: float, draws: str = "paper",
+                prob: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{modality: (partner index perm_m, lambda)} for n rows, from torch's global (CPU) RNG.
+
+    lambda_i ~ Beta(alpha, alpha); with prob < 1 a row is mixed with probability prob and the
+    others keep lambda = 1. draws (loss.m3co_draws):
+      paper         M3CoL eq. 2: one lambda_i for every modality, each modality its own partner
+                    permutation (modality 1 of sample i mixed with j, modality 2 with k);
+      shared        one lambda_i and one permutation for all modalities (the mixup baseline);
+      per_modality  a permutation and a lambda per modality (the M3CoL authors' code).
+    Every perm is a permutation of 0..n-1 (partners drawn without replacement)."""
+    if draws not in MIX_DRAWS:
+        raise ValueError(f"m3co draws: {draws!r} is not one of {MIX_DRAWS}")
+
+    def lam_draw():
+        lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((n,))
+        if prob < 1:  # rows left unmixed keep lambda = 1
+            lam = torch.where(torch.rand(n) < prob, lam, torch.ones_like(lam))
+        return lam
+
+    if draws == "shared":
+        perm = torch.randperm(n)
+        lam = lam_draw()
+        return {m: (perm, lam) for m in names}
+    if draws == "paper":
+        lam = lam_draw()
+        return {m: (torch.randperm(n), lam) for m in names}
+    out = {}
+    for m in names:
+        perm = torch.randperm(n)
+        out[m] = (perm, lam_draw())
+    return out
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

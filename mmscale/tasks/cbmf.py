@@ -72,7 +72,8 @@ class CBMFTask(Task):
     def loss(self, out: dict, batch: dict, progress: Progress):
         out = gather_outputs(out, self.shared_outputs)
         a, b = self.names
-        loss = soft_target_contrastive_loss(out[a], out[b], out["logit_scale"], self.cfg.loss.cbmf_targets)
+        loss = soft_target_contrastive_loss(out[a], out[b], out["logit_scale"], self.cfg.loss.cbmf_targets,
+                                            self.cfg.loss.cbmf_target_scale)
         return loss, {"temperature": 1.0 / out["logit_scale"].detach().float()}
 
     def val_loss(self, model: CBMF, device, dtype) -> float | None:
@@ -88,8 +89,8 @@ class CBMFTask(Task):
         scale = model.logit_scale().detach().float().cpu()
         order = np.random.default_rng(self.cfg.data.seed).permutation(n)
         chunks = np.array_split(order, max(1, round(n / self.cfg.train.global_batch_size)))
-        targets = self.cfg.loss.cbmf_targets
-        return sum(len(c) / n * soft_target_contrastive_loss(out[a][c], out[b][c], scale, targets).item()
+        targets, target_scale = self.cfg.loss.cbmf_targets, self.cfg.loss.cbmf_target_scale
+        return sum(len(c) / n * soft_target_contrastive_loss(out[a][c], out[b][c], scale, targets, target_scale).item()
                    for c in chunks)
 
     def evaluate(self, model: CBMF, device, dtype) -> dict:

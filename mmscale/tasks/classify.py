@@ -1,16 +1,17 @@
 """Task classify: supervised multimodal classification (UniS-MMC, M3CoL and the baselines)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, image_size
 from ..data.labelled import LabelledSplits, collate_arrays, load_imagetext, load_multiview
 from ..data.stream import BatchStream, Collate
-from ..dist import gather_outputs, global_index
+from ..dist import gather_outputs, global_index, rank_and_world
 from ..eval import classification_metrics, predict
 from ..losses import m3co_loss, mixup_cross_entropy, multisoftclip_loss, pair_categories, unis_mmc_loss
 from ..models import FusionClassifier, build_model
-from ..models.layers import eval_mode
+from ..models.layers import blend, draw_mixing, eval_mode
 from .base import Progress, Task
 
 
@@ -28,6 +29,13 @@ class ClassifyTask(Task):
     multisoftclip_reverse, multisoftclip_tau, unis_mmc_logits) are documented in mmscale/losses.py
     and mmscale/config.py; their defaults are the papers' equations. With UniS-MMC the loss also
     reports the shares of positive, semi-positive and negative pairs (pairs_positive, ...).
+
+    Mixing partners (M3Co, mixup) are drawn over the global batch, the same permutation on every
+    rank from the step's seed, wherever the mixed quantity is cheap to exchange: tabular inputs
+    (all-gathered without gradients) and embeddings (loss.m3co_mix: embeddings, mixed after the
+    loss's gather); 1 and W ranks then give the same gradients. Where a mixed modality is a raw
+    image or text input, each rank draws partners within its own rows (per-rank seed), so W ranks
+    are not the one-process run; the start-up log says which (event "mixing").
     """
 
     def __init__(self, cfg, logger=None):
@@ -44,7 +52,22 @@ class ClassifyTask(Task):
                 self.data = load_imagetext(d, image_size(self.cfg.model) or 224, d.seed)
         return self.data
 
+    def mix_scope(self) -> str:
+        """global: partners drawn over the global batch; rank: within each rank's rows (see above)."""
+        c, mods = self.cfg.loss, self.cfg.model.modalities
+        cheap = (not c.mixup and c.m3co_mix == "embeddings") or all(m.kind == "tabular" for m in mods)
+        return "global" if cheap else "rank"
+
+    def mixes(self) -> bool:
+        return self.cfg.loss.mixup or self.cfg.loss.contrastive in ("m3co", "m3col")
+
     def build_model(self) -> FusionClassifier:
+        if self.mixes():
+            scope = self.mix_scope()
+            self.logger.log({"event": "mixing", "scope": scope, "message": (
+                "mixing partners drawn over the global batch (same on every rank)" if scope == "global" else
+                "mixing partners drawn within each rank's rows (raw image/text inputs): more than one rank "
+                "is not the one-process run")})
         data, m = self._data(), self.cfg.model
         for i, mod in enumerate(m.modalities):  # the data fixes what the recipe left open
             if mod.kind == "tabular":
@@ -85,16 +108,39 @@ class ClassifyTask(Task):
 
     def forward(self, model, batch: dict, progress: Progress) -> dict:
         c, mode = self.cfg.loss, self.mix_mode(progress)
-        if mode != "m3co":
-            return model(batch, mix=mode)
-        return model(batch, mix=mode, draws=c.m3co_draws, at=c.m3co_mix, prob=c.m3co_mix_prob)
+        if mode == "none":
+            return model(batch)
+        draws, prob = (c.m3co_draws, c.m3co_mix_prob) if mode == "m3co" else ("shared", 1.0)
+        if self.mix_scope() == "rank":  # the model draws over this rank's rows (per-rank seed)
+            if mode == "mixup":
+                return model(batch, mix=mode)
+            return model(batch, mix=mode, draws=draws, at=c.m3co_mix, prob=prob)
+        # the global batch's draws, identical on every rank; this rank's rows are its slice
+        names, device = [m.name for m in self.cfg.model.modalities], batch["label"].device
+        rank, world = rank_and_world()
+        rows = len(batch["label"])
+        mine = slice(rank * rows, (rank + 1) * rows)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.cfg.train.seed, progress.step)) % 2 ** 62)
+            drawn = draw_mixing(names, rows * world, c.mixup_alpha, draws, prob)
+        drawn = {n: (perm[mine].to(device), lam[mine].to(device)) for n, (perm, lam) in drawn.items()}
+        if mode == "m3co" and c.m3co_mix == "embeddings":  # mixed after the loss's gather
+            out = model(batch)
+            for n, (perm, lam) in drawn.items():
+                out.update({f"mix_perm/{n}": perm, f"mix_lambda/{n}": lam})
+            return out
+        pool = gather_outputs({n: batch[n] for n in names})  # tabular inputs of every rank, on the device
+        partners = {n: (pool[n][perm], perm, lam) for n, (perm, lam) in drawn.items()}
+        return model(batch, mix=mode, partners=partners)
 
     def loss(self, out: dict, batch: dict, progress: Progress):
         c, names = self.cfg.loss, [m.name for m in self.cfg.model.modalities]
         out = gather_outputs(out)
         labels = gather_outputs({"label": batch["label"]})["label"]
+        # partner indices: already into the global batch, or each rank's own rows
+        index = (lambda perm: perm) if self.mix_scope() == "global" else global_index
         if c.mixup:
-            fused = mixup_cross_entropy(out["mix_logits"], labels, global_index(out["mix_perm"]), out["mix_lambda"])
+            fused = mixup_cross_entropy(out["mix_logits"], labels, index(out["mix_perm"]), out["mix_lambda"])
         else:
             fused = F.cross_entropy(out["logits"].float(), labels)
         total, metrics = fused, {"loss_fused": fused.detach()}
@@ -110,9 +156,12 @@ class ClassifyTask(Task):
                 term = unis_mmc_loss(emb, logits, labels, c.tau, form=c.unis_mmc_logits)
                 metrics.update({f"pairs_{k}": v for k, v in pair_categories(logits, labels).items()})
             elif phase == "m3co":
-                term = m3co_loss([out[f"mix_emb/{n}"] for n in names], emb,
-                                 [global_index(out[f"mix_perm/{n}"]) for n in names],
-                                 [out[f"mix_lambda/{n}"] for n in names], c.tau, pairs=c.contrastive_pairs)
+                perms = [index(out[f"mix_perm/{n}"]) for n in names]
+                lams = [out[f"mix_lambda/{n}"] for n in names]
+                mixed = [blend(e, e[p], lam) for e, p, lam in zip(emb, perms, lams)] \
+                    if f"mix_emb/{names[0]}" not in out else [out[f"mix_emb/{n}"] for n in names]
+                # modality m's mixed anchor is matched to its own partners perm_m (eq. 6: j, eq. 7: k)
+                term = m3co_loss(mixed, emb, perms, lams, c.tau, pairs=c.contrastive_pairs)
             else:
                 term = multisoftclip_loss(emb, c.multisoftclip_tau or c.tau, pairs=c.contrastive_pairs,
                                           reverse=c.multisoftclip_reverse)
