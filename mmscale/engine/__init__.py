@@ -1,7 +1,8 @@
 """The one training engine (trainer.py) and its parts: DeepSpeed set-up (backend.py), LR
 schedules and early stopping (schedule.py), checkpoints over registered state (checkpoint.py),
 training state and stop signals (state.py), metrics and progress (logger.py)."""
+from .checkpoint import CheckpointError
 from .trainer import PREEMPTED_EXIT, Trainer, TrainingError
 from .watchdog import LOST_RANK_EXIT
 
-__all__ = ["LOST_RANK_EXIT", "PREEMPTED_EXIT", "Trainer", "TrainingError"]
+__all__ = ["CheckpointError", "LOST_RANK_EXIT", "PREEMPTED_EXIT", "Trainer", "TrainingError"]
