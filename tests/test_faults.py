@@ -231,3 +231,49 @@ def test_a_failed_save_on_one_rank_is_agreed_and_continue_trains_on(reference, t
     assert rc == 74 and "checkpoint at step 2 not saved" in mmscale_lines(out)[0], out[-3000:]
     assert not os.path.exists(os.path.join(cut2, "checkpoints", "step00000002"))
     assert not os.path.exists(os.path.join(cut2, "checkpoints", "latest"))
+
+
+# ---------------------------------------------------------------- shards end to end
+
+SHARD_RUN = ["train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=2", "optim.schedule=constant",
+             "eval.zeroshot=false", "train.export=false", "data.type=shards"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,how", [(1, "missing"), (2, "not_tar")])
+def test_on_bad_shard_error_stops_before_training_with_one_line(ranks, how, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), per_shard=100, shards=4)
+    damage(str(tmp_path / "shards" / "00002.tar"), how)
+    rc, out = run_to_end(launch(str(tmp_path / "run"), *SHARD_RUN, f"data.shards={tmp_path / 'shards'}",
+                                "train.steps=2", "data.on_bad_shard=error", ranks=ranks))
+    lines = mmscale_lines(out)
+    assert rc == 2 and len(lines) == 1 and "00002.tar" in lines[0] and "100 samples are lost" in lines[0], out[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl") or not step_losses(str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_dropped_and_resume_stays_exact_on_two_ranks(tmp_path):
+    """400 samples in 4 shards, one cut in half: 300 readable, 4 steps of 64 per epoch; a run
+    stopped at step 2 and rerun follows the uninterrupted run step by step."""
+    shards = tmp_path / "shards"
+    write_digit_shards(str(shards), per_shard=100, shards=4)
+    damage(str(shards / "00001.tar"), "truncated")
+    run = [*SHARD_RUN, f"data.shards={shards}"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    rc, out = run_to_end(launch(ref, *run, "train.steps=6"))
+    assert rc == 0, out[-3000:]
+    lines = mmscale_lines(out)
+    assert len(lines) == 1 and "00001.tar" in lines[0] and "100 samples are lost" in lines[0] \
+        and "training on 300 samples in 3 shards" in lines[0], lines
+    epochs = {json.loads(l)["step"]: json.loads(l)["epoch"] for l in open(os.path.join(ref, "metrics.jsonl")) if '"loss"' in l}
+    assert epochs[3] == 0 and epochs[4] == 1  # the epoch is planned over the readable 300 (4 steps)
+    rc, out = run_to_end(launch(cut, *run, "train.steps=2"))
+    assert rc == 0, out[-3000:]
+    rc, out = run_to_end(launch(cut, *run, "train.steps=6"))
+    assert rc == 0, out[-3000:]
+    resumed = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl")) if '"resumed"' in l]
+    assert resumed[-1]["step"] == 2
+    a, b = step_losses(ref), step_losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
