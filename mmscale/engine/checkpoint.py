@@ -24,6 +24,7 @@ the whole optimizer state and load on any world as they are.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -172,8 +173,16 @@ def caught_writes(engine):
                 return None
             try:
                 return write(*args, **kwargs)
-            except (OSError, RuntimeError) as e:  # torch.save: RuntimeError from inline_container
+            except OSError as e:
                 errors.append(e)
+            except RuntimeError as e:  # torch.save: inline_container's RuntimeError carries no errno
+                path = kwargs.get("path", args[-1] if args else "")
+                try:
+                    left = shutil.disk_usage(os.path.dirname(str(path)) or ".").free
+                except (OSError, TypeError):
+                    left = None
+                errors.append(OSError(errno.ENOSPC, f"No space left on device (torch.save: {_describe(e)})")
+                              if left is not None and left < 1 << 20 else e)
         return guarded
 
     originals = {name: getattr(ce, name) for name in ("save", "makedirs") if hasattr(ce, name)}
