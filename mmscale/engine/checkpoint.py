@@ -305,7 +305,7 @@ class Checkpointer:
             except (OSError, RuntimeError) as e:
                 error = e
         error = error or (caught[0] if caught else None)
-        if not any_rank(error is not None):
+        if not any_rank(error is not None, device=getattr(self.engine, "device", None)):
             try:
                 write_manifest(folder, step)
                 if rank == 0:
