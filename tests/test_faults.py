@@ -107,9 +107,12 @@ COMMON = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "opt
           "eval.zeroshot=false", "train.export=false"]
 
 
-def run_to_end(proc, timeout=600):
+def run_to_end(proc, timeout=900):
+    """(exit code, output); under torchrun the workers' code (the launcher itself exits 1)."""
+    import re
     out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", out))
+    return (int(codes.pop()) if proc.returncode and len(codes) == 1 else proc.returncode), out
 
 
 def mmscale_lines(out):
