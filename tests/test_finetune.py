@@ -237,12 +237,9 @@ SMALL = ["train.global_batch_size=20", "train.steps=12", "train.log_every=1", "t
          "optim.lr=1e-2", "train.zero_stage=2"]
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path):
-    """UniS-MMC's loss couples the batch (softmax over pairs, predictions per sample): on 2 ranks
-    the gathered loss and the updates equal one process on the same global batches."""
-    root = write_views(str(tmp_path / "v"))
-    over = views_config(root, *SMALL, "loss.contrastive=unis_mmc", "train.checkpoint_every=0")
+def two_ranks_match_one(tmp_path, over):
+    """The same run on 1 and 2 ranks: the same 12 step losses and the same exported weights (float32
+    noise of another reduction order); returns both run folders."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     finish(run_train(one, over))
     finish(run_train(two, over, ranks=2))
@@ -254,6 +251,16 @@ def test_two_ranks_equal_one_process(tmp_path):
     wb = load_file(os.path.join(two, "export", "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    return one, two
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path):
+    """UniS-MMC's loss couples the batch (softmax over pairs, predictions per sample): on 2 ranks
+    the gathered loss and the updates equal one process on the same global batches."""
+    root = write_views(str(tmp_path / "v"))
+    over = views_config(root, *SMALL, "loss.contrastive=unis_mmc", "train.checkpoint_every=0")
+    one, two = two_ranks_match_one(tmp_path, over)
     # the unimodal heads' accuracies and the test metrics are logged at every evaluation
     evals = [r for r in records(one) if "test/acc" in r]
     assert [r["step"] for r in evals] == [6, 12] and {"test/auc", "test/acc_a", "test/f1_macro"} <= set(evals[-1])
@@ -272,17 +279,7 @@ def test_two_ranks_equal_one_process_with_mixing(tmp_path, method):
     updates."""
     root = write_views(str(tmp_path / "v"))
     over = views_config(root, *SMALL, *method, "train.checkpoint_every=0", "train.eval_every=0")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    finish(run_train(one, over))
-    finish(run_train(two, over, ranks=2))
-    a, b = losses(one), losses(two)
-    assert sorted(a) == list(range(1, 13))
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
-    wa = load_file(os.path.join(one, "export", "model.safetensors"))
-    wb = load_file(os.path.join(two, "export", "model.safetensors"))
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    one, two = two_ranks_match_one(tmp_path, over)
     assert [r["scope"] for r in records(two) if r.get("event") == "mixing"] == ["global"]
     if "loss.mixup=true" not in method:
         assert "loss_m3co" in [r for r in records(one) if "loss" in r][0]
