@@ -357,12 +357,15 @@ def test_early_stopping_keeps_the_best_and_plateau_lowers_the_lr(tmp_path):
 
 @pytest.mark.slow
 def test_m3col_on_rosmap_learns(tmp_path):
-    """The real data: 60 full-batch epochs of the M3CoL recipe reach well above chance (0.52)."""
+    """The real data: 60 full-batch epochs of the M3CoL recipe rank the test patients well (AUC) and beat the
+    majority class (0.52). Accuracy on 53 patients jumps by up to 11 points between evaluations and with the
+    float summation order (seed 1 gives 0.83 on 2 threads, 0.68 on the 1 thread the tests use), so the bar
+    is on AUC, which stays within 0.87-0.92 (seeds 0-4, 1 or 2 threads)."""
     shared_path("rosmap")
     run = str(tmp_path / "m3col")
     finish(run_train(run, ["train.epochs=60", "train.eval_every=30", "train.seed=1"], recipe="recipes/m3col_rosmap.yaml"))
     results = json.load(open(os.path.join(run, "results.json")))
-    assert results["step"] == 60 and results["test/acc"] > 0.7 and results["test/auc"] > 0.75
+    assert results["step"] == 60 and results["test/auc"] > 0.8 and results["test/acc"] > 0.6, results
 
 
 # ---------------------------------------------------------------- image + text + label
