@@ -212,6 +212,9 @@ class DataConfig:
     eval_fraction: float = 0.2  # digits/imagefolder: held-out share for zero-shot evaluation
     num_workers: int = 0
     seed: int = 0
+    # shards: a shard whose file is missing, unreadable, not a tar or shorter than the index says
+    # is found at start-up; drop: train on the others (one line names it); error: stop (exit 2)
+    on_bad_shard: Literal["drop", "error"] = "drop"
 
 
 @dataclass
@@ -272,6 +275,9 @@ class TrainConfig:
     dist_timeout_s: int = 600
     compile: bool = False  # torch.compile the towers (tools/bench.py measures what it buys)
     compile_backend: str = "inductor"
+    # a checkpoint that cannot be written (no space, permission, I/O error) leaves no partial
+    # folder and `latest` as it was; exit: stop with exit 74; continue: train on, retry at the next
+    on_checkpoint_error: Literal["exit", "continue"] = "exit"
 
 
 @dataclass
@@ -517,6 +523,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every: early stopping and the plateau schedule need evaluations (> 0)")
     if cfg.task in ("classify", "cbmf"):
         validate_modalities(cfg)
+    validate_image_sizes(cfg)
+
+
+def _tower_sizes(tower: ImageTowerConfig) -> list[tuple[str, Any]]:
+    """(key under the tower, value) of every input size a timm or open_clip tower states itself."""
+    k = tower.kwargs or {}
+    if tower.source == "timm":
+        return [("kwargs.img_size", k["img_size"])] if "img_size" in k else []
+    if tower.source == "open_clip":
+        vision = (k.get("model_cfg") or {}).get("vision_cfg") or {}
+        return ([("kwargs.model_cfg.vision_cfg.image_size", vision["image_size"])] if "image_size" in vision else []) + \
+               ([("kwargs.force_image_size", k["force_image_size"])] if "force_image_size" in k else [])
+    return []
+
+
+def validate_image_sizes(cfg: Config) -> None:
+    """An image tower's image_size is what the data pipeline feeds it: a size the tower's own
+    arguments state must agree (when they state none, the tower is built at image_size)."""
+    if cfg.task not in ("clip", "classify", "cbmf"):
+        return
+    for _, key, tower in _towers(cfg.model):
+        if not isinstance(tower, ImageTowerConfig):
+            continue
+        for sub, value in _tower_sizes(tower):
+            sizes = list(value) if isinstance(value, (list, tuple)) else [value]
+            if any(v != tower.image_size for v in sizes):
+                raise ConfigError(f"model.{key}.image_size: {tower.image_size}, but model.{key}.{sub} is {value}: "
+                                  f"set them to the same size (or drop model.{key}.{sub}: the tower is then built "
+                                  f"at image_size)")
 
 
 def validate_modalities(cfg: Config) -> None:

@@ -6,7 +6,10 @@ folder (train.run_dir) gets config.yaml, metrics.jsonl, checkpoints/, export/ an
 Rerunning the same command resumes from checkpoints/latest, on any number of ranks. Exit codes:
 0 done; 1 training failed (e.g. train.max_nonfinite_steps non-finite steps in a row); 2 bad recipe
 (one line naming the key); 69 another rank died or hung for train.dist_timeout_s (nothing saved);
-75 stopped by SIGTERM/SIGUSR1 at a checkpoint. After 1, 69 or 75, rerun to continue.
+74 a checkpoint could not be written (no partial folder is left, checkpoints/latest is the last
+complete one; train.on_checkpoint_error=continue trains on instead); 75 stopped by SIGTERM/SIGUSR1
+at a checkpoint. No intact checkpoint to resume from is exit 2 (the line says how to start
+over). After 1, 69, 74 or 75, rerun to continue.
 """
 from __future__ import annotations
 
@@ -37,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:  # before anything heavy is imported: a bad recipe fails in a second
         return error("config error", e, 2)
-    from mmscale.engine import PREEMPTED_EXIT, Trainer, TrainingError
+    from mmscale.engine import PREEMPTED_EXIT, CheckpointError, Trainer, TrainingError
     from mmscale.tasks import build_task
     try:
         trainer = Trainer(cfg, build_task(cfg))
         results = trainer.fit()
     except ConfigError as e:  # what only the data or the world size reveal
         return error("config error", e, 2)
+    except CheckpointError as e:
+        return error("checkpoint error", e, e.exit_code)
     except TrainingError as e:
         return error("error", e, 1)
     if trainer.rank == 0:

@@ -111,3 +111,28 @@ def test_cli_exits_2_with_one_line_naming_the_key():
     assert len(lines) == 1 and "train.batch" in lines[0] and "unknown key" in lines[0]
     r = subprocess.run([PY, "mmscale/train.py", "recipes/nope.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "recipes/nope.yaml" in r.stderr
+
+
+def test_image_size_and_the_towers_own_size_agree_or_fail_in_one_line():
+    """tiny.yaml's ViT states img_size 32: image_size 64 is a config error naming both keys, before
+    anything starts (exit 2); where the tower states no size it is built at image_size."""
+    r = subprocess.run([PY, "mmscale/train.py", "recipes/tiny.yaml", "model.image.image_size=64"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "model.image.image_size: 64" in lines[0] and "model.image.kwargs.img_size is 32" in lines[0]
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"model.image.image_size: 48.*model.image.kwargs.model_cfg.vision_cfg.image_size"):
+        load_config(tiny, ["model.image.source=open_clip", "model.image.image_size=48",
+                           "model.image.kwargs={model_cfg: {embed_dim: 32, vision_cfg: {image_size: 32}}}"])
+    cfg = load_config(tiny, ["model.image.image_size=64", "model.image.kwargs={patch_size: 8, embed_dim: 96, "
+                                                           "depth: 1, num_heads: 3}"])
+    import torch
+    from mmscale.models.towers import build_tower
+    tower = build_tower(cfg.model.image)
+    assert tower(torch.zeros(1, 3, 64, 64)).shape == (1, 96)
+    oc = build_tower(load_config(tiny, ["model.image.source=open_clip", "model.image.image_size=48",
+                                        "model.image.kwargs={model_cfg: {embed_dim: 32, vision_cfg: {layers: 1, "
+                                        "width: 64, head_width: 32, patch_size: 8}, text_cfg: {context_length: 16, "
+                                        "vocab_size: 64, width: 32, heads: 2, layers: 1}}}"]).model.image)
+    assert oc(torch.zeros(1, 3, 48, 48)).shape == (1, 32)

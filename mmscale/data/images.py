@@ -82,10 +82,14 @@ class KeyedDataset(Dataset):
     def name(self, i: int) -> str:
         return str(i)
 
+    def after(self, j: int) -> int:
+        """The sample tried after unreadable sample j (a dataset of shards jumps past a broken shard)."""
+        return (j + 1) % len(self)
+
     def __getitem__(self, key):
         seed, epoch, i = key if isinstance(key, tuple) else (0, 0, key)
+        j = i
         for skipped in range(self.max_skip):
-            j = (i + skipped) % len(self)
             try:
                 image, caption, label = self.load(j)
                 with torch.random.fork_rng(devices=[]):
@@ -93,6 +97,7 @@ class KeyedDataset(Dataset):
                     return self.transform(image), caption, label, skipped
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
                 warnings.warn(f"skipping unreadable sample {self.name(j)}: {e}")
+                j = self.after(j)
         raise RuntimeError(f"{self.max_skip} unreadable samples in a row from {self.name(i)}")
 
 

@@ -156,7 +156,7 @@ def load_imagetext(cfg: DataConfig, image_size: int, seed: int = 0) -> LabelledS
         """(the split with the training transform, without it, class names); a JSONL file is read once."""
         augment, plain = image_transform(image_size, train=True), image_transform(image_size, train=False)
         if os.path.isdir(path):
-            return ShardDataset(path, augment), ShardDataset(path, plain), classnames
+            return ShardDataset(path, augment, cfg.on_bad_shard), ShardDataset(path, plain, cfg.on_bad_shard), classnames
         samples, classnames = _read_jsonl(path, classnames)
         return CaptionDataset(samples, augment), CaptionDataset(samples, plain), classnames
 

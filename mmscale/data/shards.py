@@ -14,11 +14,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image
 
+from ..config import ConfigError
+from ..dist import rank_and_world
 from ..files import atomic_path, atomic_write_json
 from .images import KeyedDataset
 
@@ -173,14 +177,96 @@ def _in_place(url: str) -> str:
     return url
 
 
+def _sample_key(member: str) -> str:
+    """The sample a tar member belongs to, as webdataset groups them: the path up to the first dot
+    of its file name (00000001.png and 00000001.txt are one sample)."""
+    folder, _, name = member.rpartition("/")
+    return f"{folder}/{name.split('.', 1)[0]}"
+
+
+def shard_problem(url: str, nsamples: int) -> str | None:
+    """What is wrong with one shard file against its index entry, without decoding anything:
+    missing, unreadable, not a tar, or fewer samples than the index says (from the tar headers,
+    and every member's data inside the file); None if it is whole."""
+    if not os.path.exists(url):
+        return "missing"
+    try:
+        size = os.path.getsize(url)
+        if size == 0:
+            return "empty (0 bytes)"
+        keys, end = [], 0
+        with tarfile.open(url, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    if not keys or keys[-1] != _sample_key(m.name):
+                        keys.append(_sample_key(m.name))
+                    end = max(end, m.offset_data + m.size)
+    except tarfile.ReadError as e:
+        return f"not a tar ({e})" if not keys else f"unreadable after {len(keys)} samples ({e})"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if end > size:  # the last member's data runs past the end: truncated
+        return f"truncated ({size} bytes, its members need {end})"
+    if len(keys) < nsamples:
+        return f"{len(keys)} samples, the index says {nsamples}"
+    return None
+
+
+_checked: dict = {}  # (folder, index mtime, shard sizes) -> readable shardlist: one check per process
+
+
+def readable_shards(folder: str, on_bad: str = "drop") -> list[dict]:
+    """The shard index of `folder`, each shard checked against its file (shard_problem). A bad shard
+    is dropped with one line naming it and the samples lost (rank 0 prints), or with on_bad
+    "error" the run stops with that line (ConfigError). Every rank reaches the same verdict on
+    the same files, so the epoch is planned over the same readable shards everywhere."""
+    shards = read_index(folder)
+    stamp = []
+    for s in shards:
+        try:
+            st = os.stat(s["url"])
+            stamp.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    key = (os.path.abspath(folder), os.path.getmtime(os.path.join(folder, META, "shards.json")), tuple(stamp), on_bad)
+    if key in _checked:
+        return _checked[key]
+    bad = [(s, p) for s in shards if (p := shard_problem(s["url"], s["nsamples"]))]
+    lines = [f"data.shards: {os.path.relpath(s['url'], folder)} is {p}: its {s['nsamples']} samples are lost"
+             for s, p in bad]
+    good = [s for s in shards if all(s is not b for b, _ in bad)]
+    if bad and on_bad == "error":
+        raise ConfigError("; ".join(lines) + " (data.on_bad_shard=drop trains on the other shards)")
+    if not good:
+        raise ConfigError(f"data.shards: no readable shard in {folder}: " + "; ".join(lines))
+    if bad and rank_and_world()[0] == 0:
+        kept = sum(s["nsamples"] for s in good)
+        for line in lines:
+            print(f"mmscale: {line}; training on {kept} samples in {len(good)} shards", file=sys.stderr, flush=True)
+    _checked[key] = good
+    return good
+
+
+class ShardReadError(OSError):
+    """A shard that was whole at start-up could not be read (truncated, removed, an I/O error)."""
+
+
 class ShardDataset(KeyedDataset):
     """Random access into the tar shards of tools/build_shards.py through webdataset's wids
-    index, so the exact, resumable BatchStream works on shards as on folders."""
+    index, so the exact, resumable BatchStream works on shards as on folders.
 
-    def __init__(self, folder: str, transform):
+    Only the shards found whole at start-up are indexed (readable_shards). A shard that breaks
+    later (a read error) is marked broken in this process: every sample drawn from it is replaced
+    by the next one after the shard and counted as skipped, and the run goes on."""
+
+    def __init__(self, folder: str, transform, on_bad_shard: str = "drop"):
         super().__init__(transform)
-        self.shardlist = read_index(folder)
+        self.shardlist = readable_shards(folder, on_bad_shard)
         self.size = sum(s["nsamples"] for s in self.shardlist)
+        self.starts = [0]
+        for s in self.shardlist:
+            self.starts.append(self.starts[-1] + s["nsamples"])
+        self.broken: set[int] = set()  # shard numbers that failed a read in this process
         self._ds = None  # opened lazily: each loader worker needs its own file handles
 
     def __len__(self):
@@ -200,8 +286,29 @@ class ShardDataset(KeyedDataset):
     def name(self, i):
         return f"sample {i} of {len(self.shardlist)} shards"
 
+    def _shard(self, i: int) -> int:
+        import bisect
+        return bisect.bisect_right(self.starts, i) - 1
+
+    def after(self, j: int) -> int:
+        """The next candidate after unreadable sample j: past the end of its shard if it is broken."""
+        k = self._shard(j)
+        return self.starts[k + 1] % len(self) if k in self.broken else (j + 1) % len(self)
+
+    def _read(self, i: int) -> dict:
+        k = self._shard(i)
+        if k in self.broken:
+            raise ShardReadError(f"shard {self.shardlist[k]['url']} broke earlier in this run")
+        try:
+            return self._dataset()[i]
+        except Exception as e:  # wids: IndexError past a truncated end, tarfile/OS errors
+            self.broken.add(k)
+            self._ds = None  # reopen: wids may hold a handle on the broken file
+            raise ShardReadError(f"shard {self.shardlist[k]['url']} became unreadable "
+                                 f"({type(e).__name__}: {e}); its samples are skipped") from None
+
     def load(self, i):
-        sample = self._dataset()[i]
+        sample = self._read(i)
         image_key = next((k for k in (".jpg", ".jpeg", ".png", ".webp") if k in sample), None)
         if image_key is None or ".txt" not in sample:
             raise ValueError(f"{sample.get('__key__')} has no image or no .txt")
@@ -210,7 +317,7 @@ class ShardDataset(KeyedDataset):
         return image, sample[".txt"].read().decode("utf-8").strip(), self._label(sample)
 
     def label(self, i) -> int:
-        return self._label(self._dataset()[i])  # reads the tar members, decodes no image
+        return self._label(self._read(i))  # reads the tar members, decodes no image
 
     @staticmethod
     def _label(sample: dict) -> int:

@@ -2,7 +2,8 @@
 (backend.py), one training step and the temperature clamp (step.py), LR schedules and early
 stopping (schedule.py), checkpoints over registered state (checkpoint.py), training state and
 stop signals (state.py), the lost-rank heartbeat (watchdog.py), metrics and progress (logger.py)."""
+from .checkpoint import CheckpointError
 from .trainer import PREEMPTED_EXIT, Trainer, TrainingError
 from .watchdog import LOST_RANK_EXIT
 
-__all__ = ["LOST_RANK_EXIT", "PREEMPTED_EXIT", "Trainer", "TrainingError"]
+__all__ = ["CheckpointError", "LOST_RANK_EXIT", "PREEMPTED_EXIT", "Trainer", "TrainingError"]

@@ -4,6 +4,16 @@ registered with the Checkpointer, so a new piece of training state is one `regis
 Writing is all-or-nothing: every rank writes its part of step<N>/, then rank 0 moves `latest`
 to it in one atomic rename. A kill before that leaves the previous checkpoint in charge.
 
+Every checkpoint folder ends with a manifest (manifest.json: every file's size and sha256, the
+step, the world size), written by rank 0 after a barrier, atomically, before `latest` moves; a
+folder without one is not complete. Resume checks `latest` against its manifest (each rank
+hashes a share of the files) and, if it fails, falls back to the next newest intact checkpoint
+with one line naming what was wrong; none intact is a CheckpointError (exit 2). A save that
+fails (no space, permission, an I/O error) on any rank removes its folder, leaves `latest` as it
+was and is a CheckpointError (exit 74), or with train.on_checkpoint_error=continue one line and
+the next checkpoint tries again. DeepSpeed's writes are caught where they happen, so every rank
+still walks through the save's collectives and all agree on the outcome.
+
 Resuming on another number of ranks: ZeRO 1-3 partition the optimizer state by rank, and
 DeepSpeed refuses to load a checkpoint written by a different data-parallel world. Before
 DeepSpeed starts, `prepare_resume` notices the difference and rank 0 converts the checkpoint to
@@ -13,18 +23,177 @@ the whole optimizer state and load on any world as they are.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
+import hashlib
+import json
 import os
 import re
 import shutil
 import sys
 
-from ..dist import barrier, broadcast_object, rank_and_world
-from ..files import RunDir, atomic_write
+from ..dist import any_rank, barrier, broadcast_object, rank_and_world
+from ..files import RunDir, atomic_write, atomic_write_json
 from .backend import base_optimizer, place_optimizer_state
 
 TAG = re.compile(r"step\d+$")
 UNIVERSAL = ".universal"  # suffix of a converted copy of a checkpoint (removed at the next save)
+MANIFEST = "manifest.json"  # in a checkpoint folder, written last: what makes it complete
+IO_ERROR_EXIT = 74  # EX_IOERR: a checkpoint could not be written
+NO_CHECKPOINT_EXIT = 2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, or none can be resumed from: one line for the user."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _gather(value) -> list:
+    """Every rank's value, in rank order, on every rank (broadcasts from each rank in turn)."""
+    rank, world = rank_and_world()
+    return [broadcast_object(value if rank == src else None, src=src) for src in range(world)]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """The files of a checkpoint folder (relative paths, sorted), the manifest left out."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}".strip().rstrip(":")
+
+
+def _free(path: str) -> str:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path or ".").free
+    except OSError:
+        return "unknown free space"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+        free /= 1024
+
+
+def write_manifest(folder: str, step: int) -> None:
+    """Every rank hashes its share of the folder's files; rank 0 writes the manifest (atomically)
+    once all are done. A collective: raises OSError on every rank if any rank failed."""
+    rank, world = rank_and_world()
+    files = _files(folder)
+    mine, error = {}, None
+    try:
+        for f in files[rank::world]:
+            path = os.path.join(folder, f)
+            mine[f] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    except OSError as e:
+        error = _describe(e)
+    parts = _gather((mine, error))
+    errors = [e for _, e in parts if e]
+    if not errors and rank == 0:
+        entries = {f: e for part, _ in parts for f, e in part.items()}
+        try:
+            atomic_write_json(os.path.join(folder, MANIFEST),
+                              {"step": step, "world_size": world, "files": dict(sorted(entries.items()))})
+        except OSError as e:
+            errors.append(_describe(e))
+    errors = broadcast_object(errors)
+    if errors:
+        raise OSError(errors[0])
+
+
+def manifest_problem(folder: str) -> str | None:
+    """What is wrong with a checkpoint folder against its manifest (None: intact). A collective:
+    each rank checks a share of the files, every rank gets the same answer."""
+    rank, world = rank_and_world()
+    path = os.path.join(folder, MANIFEST)
+    problem, files = None, {}
+    if not os.path.isdir(folder):
+        problem = "the folder is missing"
+    elif not os.path.isfile(path):
+        problem = "no manifest (the save did not complete)"
+    else:
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+            files = manifest["files"]
+            tag_step = os.path.basename(folder).removeprefix("step")
+            if tag_step.isdigit() and int(manifest["step"]) != int(tag_step):
+                problem = f"its manifest is for step {manifest['step']}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"unreadable manifest ({_describe(e)})"
+    mine = None
+    if problem is None:
+        for name in sorted(files)[rank::world]:
+            want, p = files[name], os.path.join(folder, name)
+            try:
+                if not os.path.isfile(p):
+                    mine = f"{name} is missing"
+                elif (size := os.path.getsize(p)) != want["size"]:
+                    mine = f"{name} is {size} bytes, the manifest says {want['size']}"
+                elif _sha256(p) != want["sha256"]:
+                    mine = f"{name} does not match its checksum"
+            except OSError as e:
+                mine = f"{name} is unreadable ({_describe(e)})"
+            if mine:
+                break
+    found = [m for m in _gather(mine) if m]
+    return problem or (found[0] if found else None)
+
+
+@contextlib.contextmanager
+def caught_writes(engine):
+    """DeepSpeed's checkpoint writes (makedirs, save) record their first error instead of raising
+    it: a rank that raised half-way through save_checkpoint would leave the others waiting in
+    its collectives. Yields the list the errors land in."""
+    errors: list = []
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield errors
+        return
+
+    def guard(write):
+        def guarded(*args, **kwargs):
+            if errors:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except OSError as e:
+                errors.append(e)
+            except RuntimeError as e:  # torch.save: inline_container's RuntimeError carries no errno
+                path = kwargs.get("path", args[-1] if args else "")
+                try:
+                    left = shutil.disk_usage(os.path.dirname(str(path)) or ".").free
+                except (OSError, TypeError):
+                    left = None
+                errors.append(OSError(errno.ENOSPC, f"No space left on device (torch.save: {_describe(e)})")
+                              if left is not None and left < 1 << 20 else e)
+        return guarded
+
+    originals = {name: getattr(ce, name) for name in ("save", "makedirs") if hasattr(ce, name)}
+    for name, write in originals.items():
+        setattr(ce, name, guard(write))
+    try:
+        yield errors
+    finally:
+        for name in originals:
+            ce.__dict__.pop(name, None)
 
 
 def saved_world(folder: str) -> int | None:
@@ -52,8 +221,8 @@ def to_universal(folder: str) -> str:
 
 
 class Checkpointer:
-    def __init__(self, run: RunDir, keep: int):
-        self.run, self.keep = run, keep
+    def __init__(self, run: RunDir, keep: int, on_error: str = "exit"):
+        self.run, self.keep, self.on_error = run, keep, on_error
         self.engine = None  # set by attach(), once DeepSpeed has started
         self.state: dict = {}  # name -> object with state_dict() / load_state_dict()
         self.last_tag = None  # the checkpoint this process last wrote or read
@@ -73,8 +242,9 @@ class Checkpointer:
 
     def prepare_resume(self, world: int) -> bool:
         """Before DeepSpeed starts (every rank calls it): if `latest` was written by another number
-        of ranks, convert it to the universal format. True if the engine must load universal."""
-        tag = self.latest()
+        of ranks, convert it to the universal format. True if the engine must load universal.
+        The checkpoint is `latest` if it is intact, else the next newest intact one."""
+        tag = self.intact()
         if tag is None:
             return False
         folder = os.path.join(self.run.checkpoints, tag)
@@ -97,16 +267,57 @@ class Checkpointer:
         self.load_tag = tag + UNIVERSAL
         return True
 
-    def save(self, step: int) -> None:
-        """Every rank calls it (state_dict() may be a collective, e.g. a count summed over ranks)."""
+    def intact(self) -> str | None:
+        """`latest` if it matches its manifest, else the newest older checkpoint that does (one line
+        names what was wrong); None when there is no `latest`. Every rank calls it."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        root = self.run.checkpoints
+        older = sorted((d for d in os.listdir(root) if TAG.match(d) and d < latest), reverse=True)
+        problems = []
+        for tag in [latest] + older:
+            problem = manifest_problem(os.path.join(root, tag))
+            if problem is None:
+                if problems and rank_and_world()[0] == 0:
+                    print(f"mmscale: {'; '.join(problems)}: resuming from checkpoints/{tag} instead",
+                          file=sys.stderr, flush=True)
+                return tag
+            problems.append(f"checkpoints/{tag}: {problem}")
+        raise CheckpointError(f"no intact checkpoint in {root} ({'; '.join(problems)}): rerun with "
+                              f"train.resume=false to start over (or move {root} away)", NO_CHECKPOINT_EXIT)
+
+    def save(self, step: int, final: bool = False) -> bool:
+        """Every rank calls it (state_dict() may be a collective, e.g. a count summed over ranks).
+        False if the save failed and train.on_checkpoint_error=continue let training go on (never
+        for the final save: no later checkpoint would retry)."""
         tag = f"step{step:08d}"
         if tag == self.last_tag:  # e.g. a stop signal right after a periodic checkpoint
-            return
+            return True
         client = {name: obj.state_dict() for name, obj in self.state.items()}
-        self.engine.save_checkpoint(self.run.checkpoints, tag=tag, save_latest=False, client_state=client)
+        folder = os.path.join(self.run.checkpoints, tag)
+        rank = rank_and_world()[0]
+        if rank == 0 and os.path.isdir(folder):  # a corrupt one resume passed over: start it afresh
+            shutil.rmtree(folder, ignore_errors=True)
+        error = None
+        with caught_writes(self.engine) as caught:
+            try:
+                self.engine.save_checkpoint(self.run.checkpoints, tag=tag, save_latest=False, client_state=client)
+            except (OSError, RuntimeError) as e:
+                error = e
+        error = error or (caught[0] if caught else None)
+        if not any_rank(error is not None):
+            try:
+                write_manifest(folder, step)
+                if rank == 0:
+                    atomic_write(self.run.latest, tag)
+            except OSError as e:
+                error = e
+        errors = [e for e in _gather(_describe(error) if error else None) if e]
+        if errors:
+            return self._failed(step, folder, errors[0], final)
         barrier()
-        if rank_and_world()[0] == 0:
-            atomic_write(self.run.latest, tag)
+        if rank == 0:
             names = sorted(d for d in os.listdir(self.run.checkpoints) if d != tag)
             tags = [d for d in names if TAG.match(d)]
             # older checkpoints past train.keep_checkpoints, and what a universal resume left
@@ -116,6 +327,20 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         barrier()
         self.last_tag = tag
+        return True
+
+    def _failed(self, step: int, folder: str, error: str, final: bool) -> bool:
+        """A save failed on some rank: no partial folder, `latest` untouched, one line."""
+        if rank_and_world()[0] == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier()
+        line = (f"checkpoint at step {step} not saved ({error}; {_free(self.run.checkpoints)} in "
+                f"{self.run.checkpoints}); checkpoints/latest stays {self.latest() or 'none'}")
+        if self.on_error == "continue" and not final:
+            if rank_and_world()[0] == 0:
+                print(f"mmscale: {line}; training on, the next checkpoint tries again", file=sys.stderr, flush=True)
+            return False
+        raise CheckpointError(f"{line}: free space (or fix the folder), then rerun to continue", IO_ERROR_EXIT)
 
     def resume(self) -> str | None:
         """Loads `latest` (or the universal copy prepare_resume made of it): the engine's state and

@@ -23,7 +23,7 @@ from ..gradcache import check_exact
 from ..files import RunDir, atomic_write_json
 from ..tasks import Progress, Task
 from . import backend
-from .checkpoint import Checkpointer
+from .checkpoint import CheckpointError, Checkpointer
 from .logger import MetricsLogger
 from .schedule import EarlyStopping, Plateau, step_lr_lambda
 from .state import SkipCounter, StopSignals, TrainState
@@ -59,7 +59,7 @@ class Trainer:
                 tower.compile(backend=t.compile_backend)
         self.stream = task.train_stream(model, self.rank, self.world)
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.stream.steps_per_epoch
-        self.checkpoints = Checkpointer(self.run, t.keep_checkpoints)
+        self.checkpoints = Checkpointer(self.run, t.keep_checkpoints, t.on_checkpoint_error)
         universal = t.resume and self.checkpoints.prepare_resume(self.world)
         self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps),
                                          load_universal=universal)
@@ -153,7 +153,7 @@ class Trainer:
         self.watchdog.start()
         try:
             return self._fit()
-        except TrainingError:
+        except (TrainingError, CheckpointError):
             raise
         except RuntimeError as e:  # a collective failed: name the rank that is gone, if one is
             self.watchdog.explain(e)
@@ -186,7 +186,7 @@ class Trainer:
                 self.checkpoints.save(step)
             if self.stop.requested():  # every rank got the same answer, a step after the signal
                 bar.close()
-                self.checkpoints.save(step)
+                self.checkpoints.save(step, final=True)
                 self.logger.log({"event": "preempted", "step": step, "signal": self.stop.received})
                 return {"step": step, "preempted": True}
         bar.close()
@@ -199,7 +199,7 @@ class Trainer:
         step, (eval_step, metrics) = self.state.step, self.last_eval
         # an early stop comes right after an evaluation of this very step: no second one
         results = {"step": step, **(metrics if eval_step == step else self.evaluate())}
-        self.checkpoints.save(step)
+        self.checkpoints.save(step, final=True)
         if self.early.enabled:
             best = self.early.best
             results = {"step": step, "best_step": best["step"], **best["metrics"]}

@@ -50,15 +50,23 @@ class Tower(nn.Module):
 
 
 class TimmImageTower(Tower):
-    def __init__(self, name: str, pretrained, kwargs: dict):
+    def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None):
         super().__init__()
         import timm
         extra = {}
         if isinstance(pretrained, str):
             # timm's own way of loading local weights instead of the hub
             extra["pretrained_cfg_overlay"] = dict(file=pretrained)
+        # built at the size the data pipeline feeds (a ViT's position embeddings depend on it);
+        # models without an img_size argument (CNNs) take any size
+        sized = {"img_size": image_size} if image_size and "img_size" not in kwargs else {}
         try:
-            self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **extra, **kwargs)
+            try:
+                self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **extra, **sized, **kwargs)
+            except TypeError:
+                if not sized:
+                    raise
+                self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **extra, **kwargs)
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"model.image.name: cannot build timm model {name!r}: {e}") from None
         self.width = self.model.num_features
@@ -81,10 +89,21 @@ def _open_clip_model(name: str, pretrained, kwargs: dict):
     return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
 
 
+def _sized(kwargs: dict, image_size: int | None) -> dict:
+    """open_clip kwargs with the vision input size set to image_size where they state none."""
+    if not image_size:
+        return kwargs
+    if "model_cfg" in kwargs:
+        cfg = dict(kwargs["model_cfg"])
+        cfg["vision_cfg"] = {"image_size": image_size, **(cfg.get("vision_cfg") or {})}
+        return {**kwargs, "model_cfg": cfg}
+    return {"force_image_size": image_size, **kwargs}
+
+
 class OpenClipImageTower(Tower):
-    def __init__(self, name: str, pretrained, kwargs: dict):
+    def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None):
         super().__init__()
-        self.model = _open_clip_model(name, pretrained, kwargs).visual
+        self.model = _open_clip_model(name, pretrained, _sized(kwargs, image_size)).visual
         self.width = self.model.output_dim
 
     def forward(self, images):
@@ -251,11 +270,11 @@ def build_tower(cfg: ImageTowerConfig | TextTowerConfig, frozen: bool | None = N
     """The tower a config describes; frozen (default: cfg.freeze) towers do not train."""
     if isinstance(cfg, ImageTowerConfig):
         if cfg.source == "timm":
-            tower = TimmImageTower(cfg.name, cfg.pretrained, cfg.kwargs)
+            tower = TimmImageTower(cfg.name, cfg.pretrained, cfg.kwargs, cfg.image_size)
         elif cfg.source == "efficientnet_lite":
             tower = EfficientNetLiteImageTower(cfg.name, cfg.pretrained, cfg.image_size, cfg.kwargs)
         else:
-            tower = OpenClipImageTower(cfg.name, cfg.pretrained, cfg.kwargs)
+            tower = OpenClipImageTower(cfg.name, cfg.pretrained, cfg.kwargs, cfg.image_size)
     elif cfg.source == "hf":
         tower = HFTextTower(cfg.name, cfg.pretrained, cfg.config_overrides, cfg.max_length)
     else:

@@ -36,7 +36,7 @@ class ClipTask(Task):
                                self.cfg.train.global_batch_size, rank, world, seed=d.seed,
                                num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
         if d.type == "shards":
-            ds = ShardDataset(d.shards, image_transform(size, train=True))
+            ds = ShardDataset(d.shards, image_transform(size, train=True), d.on_bad_shard)
         else:
             ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
         return BatchStream(ds, collate, self.cfg.train.global_batch_size, rank, world, seed=d.seed,

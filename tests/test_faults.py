@@ -1,0 +1,282 @@
+"""Faults a long run meets (issue 21): bad shards, corrupt checkpoints, a full disk. Each test
+breaks something, checks the one line and the exit code, then reruns and checks that the run
+continues from the last good state with nothing lost."""
+import json
+import os
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from conftest import PY, ROOT
+from test_data import write_digit_shards
+from test_engine import launch, step_losses
+
+
+def damage(path, how):
+    if how == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+    elif how == "missing":
+        os.remove(path)
+    elif how == "zero_byte":
+        open(path, "wb").close()
+    elif how == "not_tar":
+        open(path, "wb").write(b"this is not a tar file\n" * 100)
+
+
+HOWS = ["truncated", "missing", "zero_byte", "not_tar"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_a_bad_shard_is_dropped_at_start_up_with_one_line(how, tmp_path, capfd):
+    from mmscale.config import ConfigError
+    from mmscale.data.images import image_transform
+    from mmscale.data.shards import ShardDataset
+    write_digit_shards(str(tmp_path), per_shard=10, shards=3)
+    damage(str(tmp_path / "00001.tar"), how)
+    ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(ds) == 20 and [s["url"][-9:] for s in ds.shardlist] == ["00000.tar", "00002.tar"]
+    assert len(err) == 1 and "00001.tar" in err[0] and "10 samples are lost" in err[0], err
+    assert all(ds[(0, 0, i)][3] == 0 for i in range(20))  # the others read whole
+    with pytest.raises(ConfigError, match="00001.tar .*10 samples are lost"):
+        ShardDataset(str(tmp_path), image_transform(32, train=False), on_bad_shard="error")
+
+
+def test_a_shard_that_breaks_mid_run_loses_its_samples_to_the_skip_counter(tmp_path):
+    from mmscale.data.images import image_transform
+    from mmscale.data.shards import ShardDataset
+    write_digit_shards(str(tmp_path), per_shard=10, shards=3)
+    ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
+    assert len(ds) == 30
+    damage(str(tmp_path / "00001.tar"), "truncated")  # after the start-up check
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[(0, 0, i)] for i in range(30)]
+    skipped = [it[3] for it in items]
+    assert skipped[:10] == [0] * 10 and skipped[20:] == [0] * 10
+    # the samples before the cut read; each one after it is replaced by shard 2's first and counted once
+    lost = sum(skipped[10:20])
+    assert 1 <= lost <= 9 and skipped[10:20] == [0] * (10 - lost) + [1] * lost
+    assert all(torch.equal(it[0], items[20][0]) for it in items[20 - lost:20])
+    assert any("became unreadable" in str(w.message) for w in caught)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _manifest_folder(tmp_path):
+    from mmscale.engine.checkpoint import write_manifest
+    folder = tmp_path / "step00000004"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(os.urandom(4000))
+    (folder / "optim.pt").write_bytes(os.urandom(9000))
+    write_manifest(str(folder), 4)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "no_manifest", "mismatch", "another_step"])
+def test_a_checkpoint_is_checked_against_its_manifest(how, tmp_path):
+    from mmscale.engine.checkpoint import manifest_problem
+    folder = _manifest_folder(tmp_path)
+    manifest = json.load(open(folder / "manifest.json"))
+    assert manifest["step"] == 4 and manifest["world_size"] == 1 and sorted(manifest["files"]) == ["model.pt", "optim.pt"]
+    assert manifest_problem(str(folder)) is None
+    data = (folder / "optim.pt").read_bytes()
+    if how == "truncated":
+        (folder / "optim.pt").write_bytes(data[:4500])
+        expect = "optim.pt is 4500 bytes, the manifest says 9000"
+    elif how == "deleted":
+        os.remove(folder / "optim.pt")
+        expect = "optim.pt is missing"
+    elif how == "no_manifest":
+        os.remove(folder / "manifest.json")
+        expect = "no manifest"
+    elif how == "mismatch":
+        (folder / "optim.pt").write_bytes(bytes([data[0] ^ 1]) + data[1:])
+        expect = "optim.pt does not match its checksum"
+    else:
+        manifest["step"] = 2
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        expect = "its manifest is for step 2"
+    assert expect in manifest_problem(str(folder))
+
+
+COMMON = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=2",
+          "eval.zeroshot=false", "train.export=false"]
+
+
+def run_to_end(proc, timeout=900):
+    """(exit code, output); under torchrun the workers' code (the launcher itself exits 1)."""
+    import re
+    out, _ = proc.communicate(timeout=timeout)
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", out))
+    return (int(codes.pop()) if proc.returncode and len(codes) == 1 else proc.returncode), out
+
+
+def mmscale_lines(out):
+    return [l for l in out.splitlines() if l.startswith("mmscale:")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank run, checkpoints at steps 2 and 4 (all kept)."""
+    ref = str(tmp_path_factory.mktemp("faults") / "ref")
+    rc, out = run_to_end(launch(ref, *COMMON, "train.keep_checkpoints=3"))
+    assert rc == 0, out[-3000:]
+    return ref
+
+
+def assert_continues(ref, cut, resumed_at):
+    resumed = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl")) if '"resumed"' in l]
+    assert resumed[-1]["step"] == resumed_at
+    a, b = step_losses(ref), step_losses(cut)
+    assert sorted(b) == sorted(a) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_on_two_ranks(reference, tmp_path):
+    import shutil
+    cut = str(tmp_path / "cut")
+    shutil.copytree(reference, cut)
+    ckpts = os.path.join(cut, "checkpoints")
+    assert open(os.path.join(ckpts, "latest")).read() == "step00000004"
+    optim = sorted(f for f in os.listdir(os.path.join(ckpts, "step00000004")) if "optim" in f)[-1]
+    path = os.path.join(ckpts, "step00000004", optim)
+    open(path, "r+b").truncate(os.path.getsize(path) // 2)
+    rc, out = run_to_end(launch(cut, *COMMON))
+    assert rc == 0, out[-3000:]
+    lines = mmscale_lines(out)
+    assert len(lines) == 1 and f"checkpoints/step00000004: {optim} is" in lines[0] \
+        and "resuming from checkpoints/step00000002 instead" in lines[0], lines
+    assert_continues(reference, cut, 2)
+    # every checkpoint bad: one line saying so and how to start over, exit 2
+    for tag in ("step00000002", "step00000004"):
+        os.remove(os.path.join(ckpts, tag, "manifest.json"))
+    rc, out = run_to_end(launch(cut, *COMMON))
+    lines = mmscale_lines(out)
+    assert rc == 2 and len(lines) == 1 and "no intact checkpoint" in lines[0] and "train.resume=false" in lines[0], out[-3000:]
+    rc, out = run_to_end(launch(cut, *COMMON, "train.resume=false"))
+    assert rc == 0, out[-3000:]
+    a, b = step_losses(reference), step_losses(cut)
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
+
+
+def _tmpfs(path, size):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="a size-limited tmpfs needs root (the ENOSPC writer test covers others)")
+def test_a_full_disk_leaves_no_partial_checkpoint_and_exits_74_on_two_ranks(reference, tmp_path):
+    """The first checkpoint (~56 MB) fits in 90 MB, the second does not (the first is still kept)."""
+    cut = tmp_path / "disk"
+    cut.mkdir()
+    _tmpfs(cut, "90m")
+    try:
+        rc, out = run_to_end(launch(str(cut), *COMMON))
+        lines = mmscale_lines(out)
+        assert rc == 74 and len(lines) == 1, out[-3000:]
+        assert "checkpoint at step 4 not saved" in lines[0] and "No space left on device" in lines[0] \
+            and "free in" in lines[0] and "checkpoints/latest stays step00000002" in lines[0], lines
+        assert sorted(d for d in os.listdir(cut / "checkpoints") if d.startswith("step")) == ["step00000002"]
+        assert open(cut / "checkpoints" / "latest").read() == "step00000002"
+        subprocess.run(["mount", "-o", "remount,size=400m", str(cut)], check=True)  # space freed
+        rc, out = run_to_end(launch(str(cut), *COMMON))
+        assert rc == 0, out[-3000:]
+        assert_continues(reference, str(cut), 2)
+    finally:
+        subprocess.run(["umount", "-l", str(cut)])
+
+
+ENOSPC_WRITER = '''
+import errno, os
+_fail = os.environ.get("MMSCALE_TEST_ENOSPC")
+if _fail:
+    import torch
+    _save = torch.save
+
+    def _enospc_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and all(p in str(f) for p in _fail.split(",")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return _save(obj, f, *args, **kwargs)
+
+    torch.save = _enospc_save
+'''
+
+
+@pytest.mark.slow
+def test_a_failed_save_on_one_rank_is_agreed_and_continue_trains_on(reference, tmp_path, monkeypatch):
+    """A writer raising ENOSPC for rank 1's optimizer file of step 2 only: both ranks agree the save
+    failed; with train.on_checkpoint_error=continue the run trains on and step 4 saves."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ENOSPC_WRITER)
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', ROOT)}")
+    monkeypatch.setenv("MMSCALE_TEST_ENOSPC", "step00000002,zero_pp_rank_1_")
+    cut = str(tmp_path / "cut")
+    rc, out = run_to_end(launch(cut, *COMMON, "train.on_checkpoint_error=continue"))
+    assert rc == 0, out[-3000:]
+    lines = mmscale_lines(out)
+    assert len(lines) == 1 and "checkpoint at step 2 not saved" in lines[0] and "No space left" in lines[0] \
+        and "training on" in lines[0], lines
+    ckpts = os.path.join(cut, "checkpoints")
+    assert sorted(d for d in os.listdir(ckpts) if d.startswith("step")) == ["step00000004"]
+    assert open(os.path.join(ckpts, "latest")).read() == "step00000004"
+    a, b = step_losses(reference), step_losses(cut)
+    assert sorted(b) == [1, 2, 3, 4] and all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
+    # exit mode: 74, nothing of step 2 left, and the rerun starts over cleanly (no checkpoint yet)
+    cut2 = str(tmp_path / "cut2")
+    rc, out = run_to_end(launch(cut2, *COMMON))
+    assert rc == 74 and "checkpoint at step 2 not saved" in mmscale_lines(out)[0], out[-3000:]
+    assert not os.path.exists(os.path.join(cut2, "checkpoints", "step00000002"))
+    assert not os.path.exists(os.path.join(cut2, "checkpoints", "latest"))
+
+
+# ---------------------------------------------------------------- shards end to end
+
+SHARD_RUN = ["train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=2", "optim.schedule=constant",
+             "eval.zeroshot=false", "train.export=false", "data.type=shards"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,how", [(1, "missing"), (2, "not_tar")])
+def test_on_bad_shard_error_stops_before_training_with_one_line(ranks, how, tmp_path):
+    write_digit_shards(str(tmp_path / "shards"), per_shard=100, shards=4)
+    damage(str(tmp_path / "shards" / "00002.tar"), how)
+    rc, out = run_to_end(launch(str(tmp_path / "run"), *SHARD_RUN, f"data.shards={tmp_path / 'shards'}",
+                                "train.steps=2", "data.on_bad_shard=error", ranks=ranks))
+    lines = mmscale_lines(out)
+    assert rc == 2 and len(lines) == 1 and "00002.tar" in lines[0] and "100 samples are lost" in lines[0], out[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl") or not step_losses(str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_dropped_and_resume_stays_exact_on_two_ranks(tmp_path):
+    """400 samples in 4 shards, one cut in half: 300 readable, 4 steps of 64 per epoch; a run
+    stopped at step 2 and rerun follows the uninterrupted run step by step."""
+    shards = tmp_path / "shards"
+    write_digit_shards(str(shards), per_shard=100, shards=4)
+    damage(str(shards / "00001.tar"), "truncated")
+    run = [*SHARD_RUN, f"data.shards={shards}"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    rc, out = run_to_end(launch(ref, *run, "train.steps=6"))
+    assert rc == 0, out[-3000:]
+    lines = mmscale_lines(out)
+    assert len(lines) == 1 and "00001.tar" in lines[0] and "100 samples are lost" in lines[0] \
+        and "training on 300 samples in 3 shards" in lines[0], lines
+    epochs = {json.loads(l)["step"]: json.loads(l)["epoch"] for l in open(os.path.join(ref, "metrics.jsonl")) if '"loss"' in l}
+    assert epochs[3] == 0 and epochs[4] == 1  # the epoch is planned over the readable 300 (4 steps)
+    rc, out = run_to_end(launch(cut, *run, "train.steps=2"))
+    assert rc == 0, out[-3000:]
+    rc, out = run_to_end(launch(cut, *run, "train.steps=6"))
+    assert rc == 0, out[-3000:]
+    resumed = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl")) if '"resumed"' in l]
+    assert resumed[-1]["step"] == 2
+    a, b = step_losses(ref), step_losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
