@@ -108,11 +108,12 @@ COMMON = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "opt
 
 
 def run_to_end(proc, timeout=900):
-    """(exit code, output); under torchrun the workers' code (the launcher itself exits 1)."""
+    """(exit code, output); under torchrun the code of the worker torchrun names as the root cause
+    (the launcher itself exits 1, and the other workers may show its SIGTERM, -15)."""
     import re
     out, _ = proc.communicate(timeout=timeout)
-    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", out))
-    return (int(codes.pop()) if proc.returncode and len(codes) == 1 else proc.returncode), out
+    root = re.search(r"Root Cause \(first observed failure\):.*?exitcode\s*:\s*(-?\d+)", out, re.S)
+    return (int(root.group(1)) if proc.returncode and root else proc.returncode), out
 
 
 def mmscale_lines(out):
