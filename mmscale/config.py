@@ -230,6 +230,16 @@ class OptimConfig:
     name: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-4
     weight_decay: float = 0.0
+    # open_clip's rule: no weight decay for 1-d parameters, norms, biases and the logit scale
+    # (decaying the temperature and the norms destabilises long runs); false decays everything
+    decay_exclusions: bool = True
+    # LR multipliers by parameter-name prefix, the longest matching prefix wins, e.g.
+    # {image_tower: 0.1, image_head: 2.0} (names: the model's named_parameters)
+    lr_mult: dict = field(default_factory=dict)
+    # layer-wise LR decay in every ViT/BERT-like tower (EVA-CLIP, BEiT): block i of L trains at
+    # lr * layer_decay ** (L + 1 - i), the embeddings at layer 0, the tower's last norm and
+    # everything outside the towers (heads, fusion, temperature) at lr; 1.0 = off
+    layer_decay: float = 1.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
@@ -515,6 +525,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_fraction: must be in [0, 1)")
     if o.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps: must be >= 0")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: must be in (0, 1] (1 = off), got {o.layer_decay}")
+    for key, mult in o.lr_mult.items():
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0:
+            raise ConfigError(f"optim.lr_mult.{key}: must be a number > 0, got {mult!r}")
     if o.schedule == "plateau" and o.warmup_steps:
         raise ConfigError("optim.warmup_steps: not supported with optim.schedule plateau")
     if o.schedule == "step" and o.step_size <= 0:

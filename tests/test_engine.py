@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port
-from helpers import fp32_master
+from helpers import OPEN_CLIP_TOWERS, fp32_master
 from mmscale.engine.schedule import lr_lambda
 
 
@@ -117,7 +117,9 @@ NO_DROPOUT = ("model.text.config_overrides={num_hidden_layers: 2, hidden_size: 9
 
 
 WORLD_CHANGE = ["optim.schedule=constant", "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false",
-                NO_DROPOUT]  # dropout masks are drawn per rank: 2 ranks != 1 with dropout
+                NO_DROPOUT,  # dropout masks are drawn per rank: 2 ranks != 1 with dropout
+                # parameter groups: weight decay off for norms/biases, 5 block depths, a head at 2x
+                "optim.weight_decay=0.01", "optim.layer_decay=0.7", "optim.lr_mult={text_head: 2.0}"]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +149,16 @@ def test_resume_on_another_number_of_ranks(stage, one_rank_reference, tmp_path):
     assert sorted(b) == list(range(1, 10))
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
-    resumed = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl")) if '"resumed"' in l]
+    records = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl"))]
+    resumed = [r for r in records if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [3, 6]
+    # each parameter group kept its LR and weight decay through both conversions
+    [groups] = {json.dumps(r["groups"]) for r in records if r.get("event") == "param_groups"}
+    groups = json.loads(groups)
+    assert len(groups) >= 6 and {g["weight_decay"] for g in groups} == {0.0, 0.01}
+    for r in resumed:
+        assert [(g["lr"], g["weight_decay"]) for g in r["groups"]] == \
+            [(pytest.approx(1e-3 * g["lr_scale"], rel=1e-5), g["weight_decay"]) for g in groups]
     wa = load_file(os.path.join(ref, "export", "model.safetensors"))
     wb = load_file(os.path.join(cut, "export", "model.safetensors"))
     for k in wa:
@@ -286,18 +296,12 @@ def test_a_learnt_temperature_is_clamped_in_the_optimizer(stage, precision, rank
     assert master.item() <= math.log(100) + 1e-6 and master.item() > math.log(100) - 0.05
 
 
-OPEN_CLIP_TINY = ("{model_cfg: {embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 64, head_width: 32, "
-                  "patch_size: 8}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 1}}}")
-
-
 @pytest.mark.slow
 def test_open_clip_towers_train_on_two_ranks(tmp_path):
     """open_clip's towers under DeepSpeed ZeRO-2 on 2 ranks: the text half's unused 0-dim
     logit_scale used to stop DeepSpeed's start-up broadcast ("self.dim() cannot be 0")."""
     run_dir = str(tmp_path / "oc")
-    finish(launch(run_dir, "model.image.source=open_clip", "model.image.name=tiny", f"model.image.kwargs={OPEN_CLIP_TINY}",
-                  "model.text.source=open_clip", "model.text.name=tiny", f"model.text.config_overrides={OPEN_CLIP_TINY}",
-                  "train.steps=3", "train.log_every=1", "train.zero_stage=2", "train.grad_cache_chunk=8"))
+    finish(launch(run_dir, *OPEN_CLIP_TOWERS, "train.steps=3", "train.log_every=1", "train.zero_stage=2", "train.grad_cache_chunk=8"))
     losses = step_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     from mmscale.export import load_export

@@ -11,17 +11,11 @@ import pytest
 import torch
 
 from conftest import PY, ROOT, free_port
-from helpers import fp32_master
+from helpers import OPEN_CLIP_TOWERS, fp32_master
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-OPEN_CLIP_TINY = ("{model_cfg: {embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 64, head_width: 32, "
-                  "patch_size: 8}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 1}}}")
-TOWERS = {
-    "timm_hf": [],
-    "open_clip": ["model.image.source=open_clip", "model.image.name=tiny", f"model.image.kwargs={OPEN_CLIP_TINY}",
-                  "model.text.source=open_clip", "model.text.name=tiny", f"model.text.config_overrides={OPEN_CLIP_TINY}"],
-}
+TOWERS = {"timm_hf": [], "open_clip": OPEN_CLIP_TOWERS}
 
 
 def train(run_dir, *overrides, gpus=1, timeout=600):

@@ -35,12 +35,15 @@ def optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Optimize
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **fast)
 
 
-def initialize(model: torch.nn.Module, cfg: Config, local_batch: int, lr_lambda=None, load_universal: bool = False):
-    """The DeepSpeed engine over the model's trainable parameters; lr_lambda (step -> factor) is
+def initialize(model: torch.nn.Module, cfg: Config, local_batch: int, lr_lambda=None, load_universal: bool = False,
+               groups: list[dict] | None = None):
+    """The DeepSpeed engine over the model's trainable parameters (in the groups of
+    engine/param_groups.py: weight decay and LR scale per group); lr_lambda (step -> factor) is
     stepped by DeepSpeed after every optimizer step, None leaves the LR to the caller."""
     import deepspeed
     from ..dist import current_device
-    params = [p for p in model.parameters() if p.requires_grad]
+    from .param_groups import parameter_groups
+    params = groups if groups is not None else parameter_groups(model, cfg.optim)
     scheduler = None if lr_lambda is None else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(params, cfg, current_device()),
                                       config=deepspeed_config(cfg, local_batch, load_universal),
@@ -51,6 +54,12 @@ def initialize(model: torch.nn.Module, cfg: Config, local_batch: int, lr_lambda=
         # on the CPU. ZeRO 1-3 reduce through their optimizer and keep their path.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def base_lr(engine) -> float:
+    """optim.lr times the schedule's factor now: the first group's LR over its scale."""
+    group = base_optimizer(engine).param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:

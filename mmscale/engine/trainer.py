@@ -25,6 +25,7 @@ from ..tasks import Progress, Task
 from . import backend
 from .checkpoint import CheckpointError, Checkpointer
 from .logger import MetricsLogger
+from .param_groups import GroupSettings, describe as describe_groups, parameter_groups
 from .schedule import EarlyStopping, Plateau, step_lr_lambda
 from .state import SkipCounter, StopSignals, TrainState
 from .step import StepResult, TrainStep
@@ -61,8 +62,10 @@ class Trainer:
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.stream.steps_per_epoch
         self.checkpoints = Checkpointer(self.run, t.keep_checkpoints, t.on_checkpoint_error)
         universal = t.resume and self.checkpoints.prepare_resume(self.world)
+        groups = parameter_groups(model, cfg.optim)
+        self.logger.log({"event": "param_groups", "groups": describe_groups(groups)})
         self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps),
-                                         load_universal=universal)
+                                         load_universal=universal, groups=groups)
         self.checkpoints.attach(self.engine)
         self.step_fn = TrainStep(self.engine, task, self.local_batch, self.chunk)
 
@@ -71,7 +74,8 @@ class Trainer:
         self.plateau = Plateau(cfg.optim.plateau, backend.base_optimizer(self.engine)) \
             if cfg.optim.schedule == "plateau" else None
         for name, obj in (("train", self.state), ("data", self.stream), ("skipped", self.skipped),
-                          ("early_stopping", self.early), ("plateau", self.plateau)):
+                          ("early_stopping", self.early), ("plateau", self.plateau),
+                          ("param_groups", GroupSettings(backend.base_optimizer(self.engine)))):
             if obj is not None:
                 self.checkpoints.register(name, obj)
         self.stop = StopSignals()
@@ -116,7 +120,7 @@ class Trainer:
     def step_record(self, result: StepResult, seconds: float, samples: int) -> dict:
         """What a logged step reports; the one place a step's values come back to the host."""
         return {"step": self.state.step, "epoch": self.stream.epoch,
-                "loss": self.state.global_mean(result.loss), "lr": self.engine.get_lr()[0],
+                "loss": self.state.global_mean(result.loss), "lr": backend.base_lr(self.engine),
                 **{k: float(v) for k, v in result.metrics.items()}, "samples_per_s": samples / seconds,
                 "skipped_samples": self.skipped.total(), "nonfinite_steps": self.state.nonfinite_total()}
 
@@ -164,7 +168,10 @@ class Trainer:
     def _fit(self) -> dict:
         t = self.cfg.train
         if t.resume and (path := self.checkpoints.resume()):
-            self.logger.log({"event": "resumed", "step": self.state.step, "checkpoint": path})
+            # each group's LR and weight decay as loaded: the schedule's, scaled per group
+            groups = [{"lr": g["lr"], "weight_decay": g["weight_decay"]}
+                      for g in backend.base_optimizer(self.engine).param_groups]
+            self.logger.log({"event": "resumed", "step": self.state.step, "checkpoint": path, "groups": groups})
         batches = iter(self.stream)
         bar = self.logger.progress(self.total_steps, self.state.step)  # shows the logged records
         tic, seen = time.perf_counter(), 0

@@ -1,0 +1,99 @@
+"""Parameter groups (issue 22): open_clip's weight-decay rule, layer-wise LR decay, LR multipliers."""
+import math
+
+import pytest
+import torch
+
+from mmscale.config import ConfigError, load_config
+from mmscale.engine.param_groups import excluded_from_decay, layer_ids, lr_scales, parameter_groups
+from mmscale.models import build_model
+
+from conftest import ROOT
+from helpers import OPEN_CLIP_TOWERS
+
+
+def open_clip_rule(model):
+    """open_clip_train/main.py (open_clip 3.3.0): parameters matching `exclude` get no weight decay:
+    p.ndim < 2 or "bn" / "ln" / "bias" / "logit_scale" in the name."""
+    return {n for n, p in model.named_parameters()
+            if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n}
+
+
+def tiny(*overrides):
+    return load_config(f"{ROOT}/recipes/tiny.yaml", list(overrides))
+
+
+def test_decay_exclusions_equal_open_clips_rule_on_an_open_clip_model():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32-alt")  # a real open_clip CLIP: conv1, ln_pre, resblocks, logit_scale
+    want = open_clip_rule(model)
+    assert excluded_from_decay(model) == want
+    assert "logit_scale" in want and "visual.ln_pre.weight" in want and "visual.conv1.weight" not in want
+
+
+@pytest.mark.parametrize("towers", ["timm+hf", "open_clip"])
+def test_decay_exclusions_equal_open_clips_rule_on_mmscale_models(towers):
+    over = ["model.learn_temperature=true"] + (OPEN_CLIP_TOWERS if towers == "open_clip" else [])
+    model = build_model(tiny(*over))
+    excluded = excluded_from_decay(model)
+    assert excluded == open_clip_rule(model)
+    assert "logit_scale.log_value" in excluded
+    groups = parameter_groups(model, tiny("optim.weight_decay=0.2").optim)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    # every trainable parameter in exactly one group, decayed unless the rule excludes it
+    assert sorted(names[i] for i in by_id) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == len(by_id)
+    for i, g in by_id.items():
+        assert g["weight_decay"] == (0.0 if names[i] in excluded else 0.2), names[i]
+    off = parameter_groups(model, tiny("optim.weight_decay=0.2", "optim.decay_exclusions=false").optim)
+    assert [g["weight_decay"] for g in off] == [0.2]
+
+
+def test_layer_decay_scales_each_block_of_the_vit_and_the_bert_tower():
+    d = 0.5
+    model = build_model(tiny())  # ViT of 3 blocks, BERT of 2 layers
+    scales = lr_scales(model, tiny(f"optim.layer_decay={d}").optim)
+    # ViT: cls/pos embeddings and the patch embedding are layer 0 -> d^4; block i -> d^(3 - i); final norm -> 1
+    assert scales["image_tower.model.pos_embed"] == d ** 4 and scales["image_tower.model.patch_embed.proj.weight"] == d ** 4
+    for i in range(3):
+        assert scales[f"image_tower.model.blocks.{i}.attn.qkv.weight"] == d ** (3 - i)
+    assert scales["image_tower.model.norm.weight"] == 1.0
+    # BERT: embeddings d^3, encoder.layer.i -> d^(2 - i)
+    assert scales["text_tower.model.embeddings.word_embeddings.weight"] == d ** 3
+    for i in range(2):
+        assert scales[f"text_tower.model.encoder.layer.{i}.attention.self.query.weight"] == d ** (2 - i)
+    # outside the towers: the projection heads train at the full LR
+    assert all(s == 1.0 for n, s in scales.items() if not n.startswith(("image_tower.", "text_tower.")))
+    ids, count = layer_ids(model.image_tower)
+    assert count == 3 and sorted(set(ids.values())) == [0, 1, 2, 3, 4]
+
+
+def test_lr_mult_by_prefix_longest_wins_and_an_unknown_key_is_one_error():
+    model = build_model(tiny())
+    o = tiny("optim.lr_mult={image_tower: 0.1, image_tower.model.blocks.2: 0.5, text_head: 3}",
+             "optim.layer_decay=0.8").optim
+    scales = lr_scales(model, o)
+    assert scales["image_tower.model.blocks.0.mlp.fc1.weight"] == pytest.approx(0.1 * 0.8 ** 3)
+    assert scales["image_tower.model.blocks.2.mlp.fc1.weight"] == pytest.approx(0.5 * 0.8)  # longer prefix wins
+    assert all(s == 3.0 for n, s in scales.items() if n.startswith("text_head."))
+    groups = parameter_groups(model, o)
+    assert all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"]) for g in groups)
+    assert len({(g["weight_decay"], g["lr_scale"]) for g in groups}) == len(groups)
+    with pytest.raises(ConfigError, match=r"optim.lr_mult.vision: matches no trainable parameter .*image_tower"):
+        lr_scales(model, tiny("optim.lr_mult={vision: 0.1}").optim)
+    with pytest.raises(ConfigError, match="optim.layer_decay"):
+        tiny("optim.layer_decay=0")
+    with pytest.raises(ConfigError, match="optim.lr_mult.image_tower"):
+        tiny("optim.lr_mult={image_tower: -1}")
+
+
+def test_frozen_parameters_are_in_no_group():
+    model = build_model(tiny())
+    model.image_tower.freeze()
+    groups = parameter_groups(model, tiny("optim.layer_decay=0.7").optim)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in ids for p in model.image_tower.parameters())
+    assert math.isclose(sum(p.numel() for g in groups for p in g["params"]),
+                        sum(p.numel() for p in model.parameters() if p.requires_grad))
