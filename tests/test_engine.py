@@ -71,15 +71,24 @@ RUN = ["train.steps=24", "train.log_every=1", "train.checkpoint_every=2", "optim
 @pytest.mark.parametrize("source", ["digits", "shards"])
 def test_kill_and_resume_continues_exactly(source, tmp_path):
     """kill -9 of a 2-rank run mid-epoch, then the same command: every later step sees the same
-    batch as an uninterrupted run (equal losses step by step, equal final weights)."""
+    batch as an uninterrupted run (equal losses step by step, equal final weights). The shards
+    hold two corrupt images (skipped and counted) and one shard cut to half its size (issue 21:
+    dropped at start-up with one line, the epoch planned over the readable 600 samples)."""
     run = list(RUN)
     if source == "shards":
         from test_data import write_digit_shards
         write_digit_shards(str(tmp_path / "shards"), per_shard=200, shards=4, corrupt={5, 300})
+        cut_short = tmp_path / "shards" / "00003.tar"
+        cut_short.write_bytes(cut_short.read_bytes()[:cut_short.stat().st_size // 2])
         run += ["data.type=shards", f"data.shards={tmp_path / 'shards'}"]
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-    ref = launch(ref_dir, *run)
-    finish(ref)
+    out = finish(launch(ref_dir, *run))
+    if source == "shards":
+        lines = [l for l in out.splitlines() if l.startswith("mmscale:")]
+        assert len(lines) == 1 and "00003.tar" in lines[0] and "200 samples are lost" in lines[0] \
+            and "training on 600 samples in 3 shards" in lines[0], lines
+        epochs = {r["step"]: r["epoch"] for r in map(json.loads, open(os.path.join(ref_dir, "metrics.jsonl"))) if "loss" in r}
+        assert epochs[8] == 0 and epochs[9] == 1  # 600 // 64 = 9 steps an epoch (logged after the step: the 9th ends epoch 0)
 
     cut = launch(cut_dir, *run)
     latest = os.path.join(cut_dir, "checkpoints", "latest")
@@ -107,7 +116,7 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
     # only complete checkpoints are kept, the newest named by `latest`
     ckpts = sorted(d for d in os.listdir(os.path.join(cut_dir, "checkpoints")) if d.startswith("step"))
     assert open(os.path.join(cut_dir, "checkpoints", "latest")).read() == ckpts[-1] == "step00000024"
-    if source == "shards":  # 800 samples, 12 steps of 64 per epoch: the two corrupt ones are met
+    if source == "shards":  # 24 steps of 9 an epoch: the two corrupt ones are met
         skipped = [json.loads(l)["skipped_samples"] for l in open(os.path.join(ref_dir, "metrics.jsonl")) if '"loss"' in l]
         assert skipped[-1] >= 1 and skipped == sorted(skipped)
 
@@ -130,9 +139,9 @@ def one_rank_reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO 1 is ZeRO 2's optimizer and checkpoint (stage_1_and_2.py)
 def test_resume_on_another_number_of_ranks(stage, one_rank_reference, tmp_path):
-    """2 ranks -> 1 rank -> 2 ranks, ZeRO 1/2/3: the engine converts each checkpoint written by the
+    """2 ranks -> 1 rank -> 2 ranks, ZeRO 2/3: the engine converts each checkpoint written by the
     other world to DeepSpeed's universal format and loads it, the stream re-splits the same global
     batches over the new ranks, and losses and weights follow an uninterrupted one-rank run.
     Tolerance: float32 noise of another reduction order (2 ranks average gradients over an
