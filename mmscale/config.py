@@ -30,6 +30,12 @@ class ImageTowerConfig:
     image_size: int = 224
     kwargs: dict = field(default_factory=dict)  # extra constructor arguments (tiny test towers)
     freeze: bool = False
+    # activation checkpointing of the tower's blocks (timm's and open_clip's set_grad_checkpointing):
+    # each block is recomputed in the backward, about one more forward for a block's activations
+    grad_checkpointing: bool = False
+    # FLIP's patch dropout: the fraction of patch tokens dropped per sample in training (the class
+    # token kept, none dropped in evaluation); timm and open_clip ViTs
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -42,6 +48,9 @@ class TextTowerConfig:
     config_overrides: dict = field(default_factory=dict)  # e.g. num_hidden_layers: 2 (random init only)
     max_length: int = 64
     freeze: bool = False
+    # activation checkpointing of the encoder layers (transformers' gradient_checkpointing_enable,
+    # open_clip's transformer.grad_checkpointing)
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -539,6 +548,21 @@ def validate(cfg: Config) -> None:
     if cfg.task in ("classify", "cbmf"):
         validate_modalities(cfg)
     validate_image_sizes(cfg)
+    validate_tower_controls(cfg)
+
+
+def validate_tower_controls(cfg: Config) -> None:
+    """Patch dropout and activation checkpointing exist for the towers that have them."""
+    if cfg.task not in ("clip", "classify", "cbmf"):
+        return
+    for _, key, tower in _towers(cfg.model):
+        if isinstance(tower, ImageTowerConfig):
+            if not 0 <= tower.patch_dropout < 1:
+                raise ConfigError(f"model.{key}.patch_dropout: must be in [0, 1), got {tower.patch_dropout}")
+            if tower.source == "efficientnet_lite" and (tower.patch_dropout or tower.grad_checkpointing):
+                what = "patch_dropout" if tower.patch_dropout else "grad_checkpointing"
+                raise ConfigError(f"model.{key}.{what}: not available for efficientnet_lite towers (timm and "
+                                  "open_clip towers have it)")
 
 
 def _tower_sizes(tower: ImageTowerConfig) -> list[tuple[str, Any]]:

@@ -1,5 +1,6 @@
 """Gradient cache: exact full-batch gradients (1 process, and 2 gloo ranks under DeepSpeed
-ZeRO 0-3), dropout replay, and activation memory bounded by the chunk."""
+ZeRO 0-3, ZeRO 3 with activation checkpointing), dropout and patch-dropout replay, and activation
+memory bounded by the chunk."""
 import json
 import os
 
@@ -102,6 +103,44 @@ def test_dropout_masks_are_replayed(monkeypatch):
     assert max((wrong[n] - ref[n]).abs().max().item() for n in ref) > 1e-3
 
 
+def cached_grads(model, batch, chunk, seed):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    grad_cache_step(model, loss_fn(), batch, chunk, plain_backward, shared=("logit_scale",))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CKPT = ["model.image.grad_checkpointing=true", "model.text.grad_checkpointing=true"]
+
+
+@pytest.mark.parametrize("controls", [["model.image.patch_dropout=0.5"], CKPT, ["model.image.patch_dropout=0.5", *CKPT]],
+                         ids=["patch_dropout", "grad_checkpointing", "both"])
+def test_patch_dropout_and_activation_checkpointing_are_exact_under_the_cache(controls, monkeypatch):
+    """With dropout on: patch dropout drops the same tokens in the re-forward as in the first pass
+    (the cache replays the RNG), and activation checkpointing (blocks recomputed in the backward,
+    torch's checkpoint replaying the RNG too) gives the gradients of the same step without it."""
+    plain = make_model(tiny_cfg(*[c for c in controls if "grad_checkpointing" not in c]), dropout=0.2)
+    model = make_model(tiny_cfg(*controls), dropout=0.2)
+    model.load_state_dict(plain.state_dict())
+    batch = make_batch(model)
+    ref = chunked_reference(plain, batch, 4, seed=123)
+    calls = []
+    # inside the first block (transformers checkpoints a layer's forward, not its hooks); pre-hooks,
+    # since a recompute stops as soon as it has what the backward needs
+    for module in (model.image_tower.model.blocks[0].attn, model.text_tower.model.encoder.layer[0].attention):
+        module.register_forward_pre_hook(lambda m, i: calls.append(m))
+    got = cached_grads(model, batch, 4, seed=123)
+    # 4 chunks embedded, the 3 not kept re-forwarded, and with checkpointing all 4 recomputed in the backward
+    assert len(calls) == 2 * (11 if "model.image.grad_checkpointing=true" in controls else 7)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=1e-4), (n, (got[n] - ref[n]).abs().max())
+    if "model.image.patch_dropout=0.5" in controls:  # other tokens dropped in the re-forward: wrong
+        monkeypatch.setattr("mmscale.gradcache.RngState.restore", lambda self: None)
+        wrong = cached_grads(model, batch, 4, seed=123)
+        assert max((wrong[n] - ref[n]).abs().max().item() for n in ref) > 1e-3
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_towers_give_the_eager_gradients(backend, monkeypatch):
     """train.compile: the towers under torch.compile give the eager gradients, plain and
@@ -176,15 +215,19 @@ def test_activation_memory_is_bounded_by_the_chunk():
 
 # ---------------------------------------------------------------- DeepSpeed, 2 ranks
 
-def _deepspeed_ranks(rank, world, out_dir, stages=(0, 1, 2, 3)):
+# (ZeRO stage, overrides): the four stages, and ZeRO 3 with both towers' activation checkpointing
+ZERO_RUNS = {"zero0": (0, []), "zero1": (1, []), "zero2": (2, []), "zero3": (3, []), "zero3_ckpt": (3, CKPT)}
+
+
+def _deepspeed_ranks(rank, world, out_dir, runs=tuple(ZERO_RUNS)):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     deepspeed.init_distributed(dist_backend="gloo")
     from mmscale.engine.backend import initialize
-    results = {}
-    for stage in stages:
+    for run in runs:
+        stage, extra = ZERO_RUNS[run]
         cfg = tiny_cfg(f"train.zero_stage={stage}", "train.precision=fp32", f"train.global_batch_size={B}",
-                       "model.learn_temperature=true")
+                       "model.learn_temperature=true", *extra)
         model = make_model(cfg)
         batch = make_batch(model)
         n = B // world
@@ -199,7 +242,7 @@ def _deepspeed_ranks(rank, world, out_dir, stages=(0, 1, 2, 3)):
         grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "reduces": engine.enable_backward_allreduce},
-                       os.path.join(out_dir, f"zero{stage}.pt"))
+                       os.path.join(out_dir, f"{run}.pt"))
         engine.step()
         engine.destroy()
 
@@ -210,15 +253,15 @@ def test_deepspeed_zero_stages_equal_full_batch(tmp_path):
     model = make_model(tiny_cfg("model.learn_temperature=true"))
     ref_loss, ref = full_batch_grads(model, make_batch(model))
     report = {}
-    for stage in (0, 1, 2, 3):
-        got = torch.load(tmp_path / f"zero{stage}.pt")
-        assert torch.allclose(got["loss"], ref_loss, atol=1e-6), stage
+    for run in ZERO_RUNS:
+        got = torch.load(tmp_path / f"{run}.pt")
+        assert torch.allclose(got["loss"], ref_loss, atol=1e-6), run
         diffs = []
         for name, g in ref.items():
-            assert got["grads"][name] is not None, (stage, name)
-            assert torch.allclose(got["grads"][name].reshape(g.shape), g, atol=1e-5, rtol=1e-4), (stage, name)
+            assert got["grads"][name] is not None, (run, name)
+            assert torch.allclose(got["grads"][name].reshape(g.shape), g, atol=1e-5, rtol=1e-4), (run, name)
             diffs.append((got["grads"][name].reshape(g.shape) - g).abs().max().item())
-        report[f"zero{stage}"] = max(diffs)
+        report[run] = max(diffs)
     print("max abs grad diff vs single-process full batch:", json.dumps(report))
 
 
@@ -227,7 +270,7 @@ def test_one_rank_zero0_skips_the_identity_reduction():
     copy back that change nothing there); the gradients are still the full-batch ones."""
     import tempfile
     with tempfile.TemporaryDirectory() as out:
-        run_ranks(_deepspeed_ranks, 1, out, (0,))
+        run_ranks(_deepspeed_ranks, 1, out, ("zero0",))
         got = torch.load(os.path.join(out, "zero0.pt"))
     model = make_model(tiny_cfg("model.learn_temperature=true"))
     ref_loss, ref = full_batch_grads(model, make_batch(model))

@@ -40,6 +40,10 @@ class Tower(nn.Module):
     frozen = False
     unused_parameters: tuple = ()  # dropped by build_tower
 
+    def set_grad_checkpointing(self) -> None:
+        """Recompute the tower's blocks in the backward instead of keeping their activations."""
+        raise ConfigError(f"grad_checkpointing: not available for {type(self).__name__}")
+
     def freeze(self) -> "Tower":
         self.requires_grad_(False)
         self.frozen = True
@@ -50,10 +54,12 @@ class Tower(nn.Module):
 
 
 class TimmImageTower(Tower):
-    def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None):
+    def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None, patch_dropout: float = 0.0):
         super().__init__()
         import timm
         extra = {}
+        if patch_dropout:  # timm's PatchDropout: training only, prefix (class) tokens kept
+            kwargs = {**kwargs, "patch_drop_rate": patch_dropout}
         if isinstance(pretrained, str):
             # timm's own way of loading local weights instead of the hub
             extra["pretrained_cfg_overlay"] = dict(file=pretrained)
@@ -70,6 +76,9 @@ class TimmImageTower(Tower):
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"model.image.name: cannot build timm model {name!r}: {e}") from None
         self.width = self.model.num_features
+
+    def set_grad_checkpointing(self) -> None:
+        self.model.set_grad_checkpointing(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -100,11 +109,25 @@ def _sized(kwargs: dict, image_size: int | None) -> dict:
     return {"force_image_size": image_size, **kwargs}
 
 
+def _patch_dropped(kwargs: dict, patch_dropout: float) -> dict:
+    """open_clip kwargs with its patch dropout (training only, the class token kept)."""
+    if not patch_dropout:
+        return kwargs
+    if "model_cfg" in kwargs:
+        cfg = dict(kwargs["model_cfg"])
+        cfg["vision_cfg"] = {**(cfg.get("vision_cfg") or {}), "patch_dropout": patch_dropout}
+        return {**kwargs, "model_cfg": cfg}
+    return {**kwargs, "force_patch_dropout": patch_dropout}
+
+
 class OpenClipImageTower(Tower):
-    def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None):
+    def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None, patch_dropout: float = 0.0):
         super().__init__()
-        self.model = _open_clip_model(name, pretrained, _sized(kwargs, image_size)).visual
+        self.model = _open_clip_model(name, pretrained, _patch_dropped(_sized(kwargs, image_size), patch_dropout)).visual
         self.width = self.model.output_dim
+
+    def set_grad_checkpointing(self) -> None:
+        self.model.set_grad_checkpointing(True)
 
     def forward(self, images):
         return self.model(images)
@@ -197,6 +220,13 @@ class HFTextTower(Tower):
             raise ConfigError(f"model.text.name: cannot load {name!r}: {str(e).splitlines()[0]}") from None
         self.width = self.model.config.hidden_size
 
+    def set_grad_checkpointing(self) -> None:
+        # non-reentrant: gradients reach the weights though the token ids carry none
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def tokenize_fn(self) -> HFTokenize:
         return HFTokenize(self.tokenizer, self.max_length)
 
@@ -239,6 +269,9 @@ class OpenClipTextTower(Tower):
     def tokenize_fn(self) -> OpenClipTokenize:
         return OpenClipTokenize(self._tokenizer)
 
+    def set_grad_checkpointing(self) -> None:
+        self.model.transformer.grad_checkpointing = True  # CLIP's own setter also reaches for .visual
+
     def forward(self, input_ids, attention_mask=None):
         return self.model.encode_text(input_ids)
 
@@ -270,16 +303,18 @@ def build_tower(cfg: ImageTowerConfig | TextTowerConfig, frozen: bool | None = N
     """The tower a config describes; frozen (default: cfg.freeze) towers do not train."""
     if isinstance(cfg, ImageTowerConfig):
         if cfg.source == "timm":
-            tower = TimmImageTower(cfg.name, cfg.pretrained, cfg.kwargs, cfg.image_size)
+            tower = TimmImageTower(cfg.name, cfg.pretrained, cfg.kwargs, cfg.image_size, cfg.patch_dropout)
         elif cfg.source == "efficientnet_lite":
             tower = EfficientNetLiteImageTower(cfg.name, cfg.pretrained, cfg.image_size, cfg.kwargs)
         else:
-            tower = OpenClipImageTower(cfg.name, cfg.pretrained, cfg.kwargs, cfg.image_size)
+            tower = OpenClipImageTower(cfg.name, cfg.pretrained, cfg.kwargs, cfg.image_size, cfg.patch_dropout)
     elif cfg.source == "hf":
         tower = HFTextTower(cfg.name, cfg.pretrained, cfg.config_overrides, cfg.max_length)
     else:
         tower = OpenClipTextTower(cfg.name, cfg.config_overrides, cfg.pretrained)
     _no_scalar_parameters(tower)
+    if cfg.grad_checkpointing:
+        tower.set_grad_checkpointing()
     if cfg.freeze if frozen is None else frozen:
         tower.freeze()
     return tower

@@ -1,4 +1,5 @@
-"""Parameter groups (issue 22): open_clip's weight-decay rule, layer-wise LR decay, LR multipliers."""
+"""The training controls CLIP users expect (issue 22): parameter groups (open_clip's weight-decay rule,
+layer-wise LR decay, LR multipliers), patch dropout, activation checkpointing."""
 import math
 
 import pytest
@@ -97,3 +98,50 @@ def test_frozen_parameters_are_in_no_group():
     assert not any(id(p) in ids for p in model.image_tower.parameters())
     assert math.isclose(sum(p.numel() for g in groups for p in g["params"]),
                         sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def test_the_open_clip_recipe_has_open_clips_optimizer_on_the_cmla_towers():
+    cfg = load_config(f"{ROOT}/recipes/clip_openclip.yaml", check_files=False)
+    cmla = load_config(f"{ROOT}/recipes/cmla.yaml", check_files=False)
+    o = cfg.optim
+    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay, o.decay_exclusions, o.schedule) == \
+        ("adamw", 5e-4, [0.9, 0.98], 1e-6, 0.2, True, "cosine") and o.warmup_steps > 0
+    assert cfg.model.learn_temperature and cfg.model.temperature == 0.07
+    assert (cfg.model.image, cfg.model.text, cfg.data, cfg.train.global_batch_size) == \
+        (cmla.model.image, cmla.model.text, cmla.data, cmla.train.global_batch_size)
+    # its optimizer section on the tiny towers: 2-d weights decayed, the learnt temperature not
+    model = build_model(tiny("model.learn_temperature=true"))
+    groups = parameter_groups(model, o)
+    names = {id(p): n for n, p in model.named_parameters()}
+    wd = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd["logit_scale.log_value"] == 0.0 and wd["image_tower.model.blocks.0.attn.qkv.weight"] == 0.2
+    assert wd["image_tower.model.blocks.0.attn.qkv.bias"] == 0.0 and wd["text_head.0.weight"] == 0.2
+
+
+@pytest.mark.parametrize("towers", ["timm", "open_clip"])
+def test_patch_dropout_keeps_the_class_token_drops_half_the_patches_and_only_in_training(towers):
+    over = ["model.image.patch_dropout=0.5"] + (OPEN_CLIP_TOWERS if towers == "open_clip" else [])
+    torch.manual_seed(0)
+    model = build_model(tiny(*over))
+    torch.manual_seed(0)
+    plain = build_model(tiny(*over[1:]))
+    plain.load_state_dict(model.state_dict())
+    visual = model.image_tower.model
+    first = visual.blocks[0] if towers == "timm" else visual.transformer.resblocks[0]
+    seen = []
+    first.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    images = torch.randn(4, 3, 32, 32)
+    patches = (32 // 8) ** 2  # both test towers: 32 px, patch 8
+    model.train()
+    torch.manual_seed(1)
+    a = model.image_tower(images)
+    torch.manual_seed(2)
+    b = model.image_tower(images)
+    token_axis = 1 if towers == "timm" or seen[0][0] == 4 else 0  # open_clip may run sequence-first
+    assert seen[0][token_axis] == 1 + patches // 2  # the class token and half the patches
+    assert not torch.allclose(a, b)  # other patches per draw
+    model.eval(), plain.eval()
+    seen.clear()
+    with torch.no_grad():
+        assert torch.equal(model.image_tower(images), plain.image_tower(images))
+    assert seen[0][token_axis] == 1 + patches  # evaluation sees every patch
