@@ -36,6 +36,11 @@ class ImageTowerConfig:
     # FLIP's patch dropout: the fraction of patch tokens dropped per sample in training (the class
     # token kept, none dropped in evaluation); timm and open_clip ViTs
     patch_dropout: float = 0.0
+    # partial locking (LiT, open_clip's --lock-image-unlocked-groups): -1 trains the whole tower;
+    # N >= 0 trains only its last N layer groups (the embeddings, each block, what follows the
+    # blocks), the rest frozen and out of the optimizer; 0 locks it all
+    unlocked_groups: int = -1
+    freeze_bn_stats: bool = False  # with unlocked_groups: the locked part's BatchNorm statistics too
 
 
 @dataclass
@@ -51,6 +56,9 @@ class TextTowerConfig:
     # activation checkpointing of the encoder layers (transformers' gradient_checkpointing_enable,
     # open_clip's transformer.grad_checkpointing)
     grad_checkpointing: bool = False
+    # partial locking (open_clip's --lock-text-unlocked-layers): -1 trains the whole tower; N >= 0
+    # only its last N layer groups (embeddings, each layer, what follows them)
+    unlocked_layers: int = -1
 
 
 @dataclass

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmscale.config import ConfigError, load_config
-from mmscale.engine.param_groups import excluded_from_decay, layer_ids, lr_scales, parameter_groups
+from mmscale.engine.param_groups import excluded_from_decay, lr_scales, parameter_groups
+from mmscale.models.towers import layer_ids
 from mmscale.models import build_model
 
 from conftest import ROOT
@@ -145,3 +146,54 @@ def test_patch_dropout_keeps_the_class_token_drops_half_the_patches_and_only_in_
     with torch.no_grad():
         assert torch.equal(model.image_tower(images), plain.image_tower(images))
     assert seen[0][token_axis] == 1 + patches  # evaluation sees every patch
+
+
+def test_partial_locking_trains_only_the_last_groups_and_the_locked_part_never_moves():
+    """ViT of 3 blocks (groups: embeddings, 3 blocks, final norm), 2 unlocked: block 2 and the
+    final norm train; BERT of 2 layers and no pooler (groups: embeddings, 2 layers), 1 unlocked:
+    its last layer."""
+    torch.manual_seed(0)
+    model = build_model(tiny("model.image.unlocked_groups=2", "model.text.unlocked_layers=1"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    image = {n for n in trainable if n.startswith("image_tower.")}
+    assert image and all(n.startswith(("image_tower.model.blocks.2.", "image_tower.model.norm.")) for n in image)
+    text = {n for n in trainable if n.startswith("text_tower.")}
+    assert text and all(n.startswith("text_tower.model.encoder.layer.1.") for n in text)
+    assert {n for n in trainable if not n.startswith(("image_tower.", "text_tower."))} == \
+        {n for n, _ in model.named_parameters() if not n.startswith(("image_tower.", "text_tower."))}
+    # the optimizer holds only the trainable tensors, its state only their size
+    groups = parameter_groups(model, tiny().optim)
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    # no autograd through the locked part: block 1's output carries no graph, block 2's does
+    seen = {}
+    for i in (1, 2):
+        model.image_tower.model.blocks[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.requires_grad))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"image": torch.randn(4, 3, 32, 32), **model.tokenize(["a photo of the number one."] * 4)}
+    out = model(batch)
+    assert seen == {1: False, 2: True}
+    (out["image"] @ out["text"].T).diagonal().sum().backward()
+    opt.step()
+    state = sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim)
+    assert state == 2 * sum(p.numel() for p in model.parameters() if p.requires_grad) < \
+        2 * sum(p.numel() for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n
+    with pytest.raises(ConfigError, match="model.image.unlocked_groups: 9, but the tower has 5 groups"):
+        build_model(tiny("model.image.unlocked_groups=9"))
+
+
+def test_freeze_bn_stats_keeps_the_locked_batchnorm_statistics():
+    torch.manual_seed(0)
+    over = ["model.image.name=resnet18", "model.image.kwargs={}", "model.image.unlocked_groups=1",  # layer4.1
+            "model.image.freeze_bn_stats=true"]
+    model = build_model(tiny(*over))
+    tower = model.image_tower.train()
+    locked = tower.model.bn1  # the stem, locked
+    assert not locked.training and not locked.weight.requires_grad
+    mean = locked.running_mean.clone()
+    tower(torch.randn(2, 3, 32, 32))
+    assert torch.equal(locked.running_mean, mean)
+    unlocked = tower.model.layer4[1].bn2  # the last block trains, and updates its statistics
+    assert unlocked.training and unlocked.weight.requires_grad

@@ -17,15 +17,10 @@ import re
 import torch.nn as nn
 
 from ..config import ConfigError, OptimConfig
+from ..models.towers import layer_ids
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm,
          nn.modules.batchnorm._NormBase)  # BatchNorm*, InstanceNorm*
-BLOCK = re.compile(r"(?:^|\.)(?:blocks|layer|layers|resblocks)\.(\d+)(?:\.|$)")
-# what comes before the first block in timm, transformers and open_clip towers
-EMBEDDINGS = {"cls_token", "reg_token", "pos_embed", "patch_embed", "embeddings", "class_embedding",
-              "positional_embedding", "conv1", "ln_pre", "token_embedding", "stem", "conv_stem", "bn1"}
-
-
 def excluded_from_decay(model: nn.Module) -> set[str]:
     """Names of the parameters open_clip's rule keeps out of weight decay."""
     out = set()
@@ -36,25 +31,6 @@ def excluded_from_decay(model: nn.Module) -> set[str]:
             if p.ndim < 2 or own_norm or name.endswith("bias") or "logit_scale" in full or "logit_bias" in full:
                 out.add(full)
     return out
-
-
-def layer_ids(tower: nn.Module) -> tuple[dict[str, int], int]:
-    """({parameter name in the tower: layer id}, number of blocks L): block i -> i + 1, the
-    embeddings before the blocks -> 0, everything after them (final norm, pooler, head) -> L + 1.
-    (0, {}) for a tower without numbered blocks."""
-    names = [n for n, _ in tower.named_parameters()]
-    blocks = {n: int(m.group(1)) for n in names if (m := BLOCK.search(n))}
-    if not blocks:
-        return {}, 0
-    first = min(blocks.values())
-    count = max(blocks.values()) - first + 1
-    ids = {}
-    for n in names:
-        if n in blocks:
-            ids[n] = blocks[n] - first + 1
-        else:
-            ids[n] = 0 if EMBEDDINGS & set(n.split(".")) else count + 1
-    return ids, count
 
 
 def lr_scales(model: nn.Module, o: OptimConfig) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,32 @@ def resolve_text_path(name: str) -> str:
     return name
 
 
+# a numbered block: ViT blocks.N, BERT layer.N, open_clip resblocks.N, ResNet layerS.N
+BLOCK = re.compile(r"(?:^|\.)(?:(?:blocks|layer|layers|resblocks)\.\d+|layer\d+\.\d+)(?=\.|$)")
+# what comes before the first block in timm, transformers and open_clip towers
+EMBEDDINGS = {"cls_token", "reg_token", "pos_embed", "patch_embed", "embeddings", "class_embedding",
+              "positional_embedding", "conv1", "ln_pre", "token_embedding", "stem", "conv_stem", "bn1"}
+
+
+def layer_ids(tower: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name in the tower: layer id}, number of blocks L): block i -> i + 1, the
+    embeddings before the blocks -> 0, everything after them (final norm, pooler, projection)
+    -> L + 1. ({}, 0) for a tower without numbered blocks. Layer-wise LR decay and partial
+    locking both count in these groups."""
+    names = [n for n, _ in tower.named_parameters()]
+    prefix = {n: n[:m.end()] for n in names if (m := BLOCK.search(n))}
+    order = list(dict.fromkeys(prefix.values()))  # blocks in the order the model registers them
+    if not order:
+        return {}, 0
+    ids = {}
+    for n in names:
+        if n in prefix:
+            ids[n] = order.index(prefix[n]) + 1
+        else:
+            ids[n] = 0 if EMBEDDINGS & set(n.split(".")) else len(order) + 1
+    return ids, len(order)
+
+
 class Tower(nn.Module):
     """Base of all towers: `width` (output features) and freezing."""
 
@@ -49,8 +76,32 @@ class Tower(nn.Module):
         self.frozen = True
         return self.eval()
 
+    def lock(self, unlocked: int, freeze_bn_stats: bool = False, key: str = "unlocked_groups") -> "Tower":
+        """LiT's lock with a partial unlock (open_clip's lock_image / lock_text_tower): only the
+        last `unlocked` layer groups (the embeddings, each block, what follows the last block)
+        train. The locked part has no trainable parameter, so autograd records nothing there and
+        the optimizer never sees it; freeze_bn_stats keeps its BatchNorm statistics fixed too."""
+        ids, count = layer_ids(self)
+        if not ids:
+            raise ConfigError(f"{key}: {type(self).__name__} has no numbered blocks to lock by")
+        groups = sorted(set(ids.values()))  # the groups that hold parameters
+        if unlocked > len(groups):
+            raise ConfigError(f"{key}: {unlocked}, but the tower has {len(groups)} groups (embeddings, {count} blocks, "
+                              "what follows them, where they hold parameters)")
+        trainable = set(groups[len(groups) - unlocked:])
+        for name, p in self.named_parameters():
+            if ids[name] not in trainable:
+                p.requires_grad_(False)
+        if freeze_bn_stats:
+            self._locked_norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                                  and not any(p.requires_grad for p in m.parameters(recurse=False))]
+        return self.train(self.training)
+
     def train(self, mode: bool = True):
-        return super().train(mode and not self.frozen)
+        super().train(mode and not self.frozen)
+        for m in getattr(self, "_locked_norms", ()):
+            m.eval()  # running statistics of the locked part stay as they were
+        return self
 
 
 class TimmImageTower(Tower):
@@ -315,6 +366,10 @@ def build_tower(cfg: ImageTowerConfig | TextTowerConfig, frozen: bool | None = N
     _no_scalar_parameters(tower)
     if cfg.grad_checkpointing:
         tower.set_grad_checkpointing()
+    if isinstance(cfg, ImageTowerConfig) and cfg.unlocked_groups >= 0:
+        tower.lock(cfg.unlocked_groups, cfg.freeze_bn_stats, "model.image.unlocked_groups")
+    elif isinstance(cfg, TextTowerConfig) and cfg.unlocked_layers >= 0:
+        tower.lock(cfg.unlocked_layers, False, "model.text.unlocked_layers")
     if cfg.freeze if frozen is None else frozen:
         tower.freeze()
     return tower
