@@ -277,6 +277,13 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: float = 0.0  # > 0: keep an EMA of the weights, updated after every optimizer step (e.g. 0.9999)
+    evaluate: bool = False  # evaluations (and early stopping) score the EMA weights
+    export: bool = False  # the export holds the EMA weights
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = 4096
     # gradient cache: chunk size per rank (0 = off: one forward/backward of the whole local batch)
@@ -294,6 +301,7 @@ class TrainConfig:
     resume: bool = True  # continue from <run_dir>/checkpoints/latest when there is one (any number of ranks)
     export: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # a step whose loss or gradients are not finite is skipped (no update) and counted; this many
     # in a row stop the run with an error, checkpoints/latest left at the last good checkpoint
     max_nonfinite_steps: int = 20
@@ -542,6 +550,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_fraction: must be in [0, 1)")
     if o.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps: must be >= 0")
+    if not 0 <= t.ema.decay < 1:
+        raise ConfigError(f"train.ema.decay: must be in [0, 1) (0 = off), got {t.ema.decay}")
+    if t.ema.decay and t.zero_stage == 3:
+        raise ConfigError("train.ema.decay: not supported under ZeRO 3 (each rank holds only its partition of the "
+                          "weights); use train.zero_stage=2, or train.ema.decay=0")
+    if (t.ema.evaluate or t.ema.export) and not t.ema.decay:
+        raise ConfigError("train.ema.evaluate/export: set train.ema.decay > 0 (e.g. 0.999) to keep an EMA")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay: must be in (0, 1] (1 = off), got {o.layer_decay}")
     for key, mult in o.lr_mult.items():

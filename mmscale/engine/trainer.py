@@ -10,6 +10,7 @@ the device only on the steps it logs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -24,6 +25,7 @@ from ..files import RunDir, atomic_write_json
 from ..tasks import Progress, Task
 from . import backend
 from .checkpoint import CheckpointError, Checkpointer
+from .ema import WeightEMA
 from .logger import MetricsLogger
 from .param_groups import GroupSettings, describe as describe_groups, parameter_groups
 from .schedule import EarlyStopping, Plateau, step_lr_lambda
@@ -69,13 +71,14 @@ class Trainer:
         self.checkpoints.attach(self.engine)
         self.step_fn = TrainStep(self.engine, task, self.local_batch, self.chunk)
 
+        self.ema = WeightEMA(self.engine.module, t.ema.decay) if t.ema.decay else None
         self.state, self.skipped = TrainState(self.device), SkipCounter()
         self.early = EarlyStopping(t.early_stopping)
         self.plateau = Plateau(cfg.optim.plateau, backend.base_optimizer(self.engine)) \
             if cfg.optim.schedule == "plateau" else None
         for name, obj in (("train", self.state), ("data", self.stream), ("skipped", self.skipped),
                           ("early_stopping", self.early), ("plateau", self.plateau),
-                          ("param_groups", GroupSettings(backend.base_optimizer(self.engine)))):
+                          ("param_groups", GroupSettings(backend.base_optimizer(self.engine))), ("ema", self.ema)):
             if obj is not None:
                 self.checkpoints.register(name, obj)
         self.stop = StopSignals()
@@ -96,6 +99,8 @@ class Trainer:
         self.state.step += 1
         if result.applied:
             self.state.add_loss(result.loss)  # on the device: nothing read back
+            if self.ema:
+                self.ema.update()
         else:
             self.nonfinite_step(result)
         return result
@@ -128,7 +133,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         step = self.state.step
-        metrics = {**self.task.evaluate(self.engine.module, self.device, self.dtype), **self.state.pop_mean_loss()}
+        with self._ema_weights(self.cfg.train.ema.evaluate):
+            scores = self.task.evaluate(self.engine.module, self.device, self.dtype)
+        metrics = {**scores, **self.state.pop_mean_loss()}
         if self.plateau:
             self.plateau.update(metrics)
         if metrics:
@@ -143,10 +150,15 @@ class Trainer:
         module = self.engine.module
         # ZeRO-3 partitions every parameter over the ranks: gather them to write them whole
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                               enabled=self.cfg.train.zero_stage == 3):
+                                               enabled=self.cfg.train.zero_stage == 3), \
+                self._ema_weights(self.cfg.train.ema.export):
             if self.rank == 0:
                 save_export(module, self.cfg, self.run.export)
         barrier()
+
+    def _ema_weights(self, wanted: bool):
+        """The model with the weight EMA in it (train.ema.evaluate / export), else as it is."""
+        return self.ema.swapped_in(wanted) if self.ema else contextlib.nullcontext()
 
     # ------------------------------------------------------------ the loop
 
