@@ -68,7 +68,9 @@ RUN = ["train.steps=24", "train.log_every=1", "train.checkpoint_every=2", "optim
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["digits", "shards"])
+# on shards: the in-memory sources resume through the same stream state (tested by the world-size,
+# preemption and weight-EMA resumes), shards add the index, the skip counter and a dropped shard
+@pytest.mark.parametrize("source", ["shards"])
 def test_kill_and_resume_continues_exactly(source, tmp_path):
     """kill -9 of a 2-rank run mid-epoch, then the same command: every later step sees the same
     batch as an uninterrupted run (equal losses step by step, equal final weights). The shards

@@ -160,10 +160,6 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_on_two_ranks
     rc, out = run_to_end(launch(cut, *COMMON))
     lines = mmscale_lines(out)
     assert rc == 2 and len(lines) == 1 and "no intact checkpoint" in lines[0] and "train.resume=false" in lines[0], out[-3000:]
-    rc, out = run_to_end(launch(cut, *COMMON, "train.resume=false"))
-    assert rc == 0, out[-3000:]
-    a, b = step_losses(reference), step_losses(cut)
-    assert all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
 
 
 def _tmpfs(path, size):
@@ -244,7 +240,7 @@ SHARD_RUN = ["train.log_every=1", "train.checkpoint_every=2", "optim.warmup_step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks,how", [(1, "missing"), (2, "not_tar")])
+@pytest.mark.parametrize("ranks,how", [(2, "not_tar")])  # every kind on 1 process: the start-up test above
 def test_on_bad_shard_error_stops_before_training_with_one_line(ranks, how, tmp_path):
     write_digit_shards(str(tmp_path / "shards"), per_shard=100, shards=4)
     damage(str(tmp_path / "shards" / "00002.tar"), how)
