@@ -240,7 +240,7 @@ class Checkpointer:
         with open(self.run.latest) as f:
             return f.read().strip()
 
-    def prepare_resume(self, world: int) -> bool:
+    def prepare_resume(self, world: int, zero_stage: int = 0, groups: int = 1) -> bool:
         """Before DeepSpeed starts (every rank calls it): if `latest` was written by another number
         of ranks, convert it to the universal format. True if the engine must load universal.
         The checkpoint is `latest` if it is intact, else the next newest intact one."""
@@ -252,6 +252,15 @@ class Checkpointer:
         self.load_tag = tag
         if saved is None or saved == world:
             return False
+        if zero_stage == 3 and groups > 1:
+            # DeepSpeed 0.19.8's universal loading under ZeRO 3 gives every group the first one's
+            # settings (repaired by GroupSettings) and its optimizer moments come back wrong with
+            # several groups: the losses leave the uninterrupted run's from the first update on
+            raise CheckpointError(
+                f"{folder} was written by {saved} ranks, this run has {world}: a ZeRO-3 checkpoint with {groups} "
+                f"parameter groups (optim.weight_decay with decay_exclusions, layer_decay, lr_mult) does not resume "
+                f"exactly on another number of ranks with DeepSpeed's universal checkpoint; rerun on {saved} ranks",
+                NO_CHECKPOINT_EXIT)
         error = None
         if rank_and_world()[0] == 0:
             print(f"mmscale: {folder} was written by {saved} ranks, this run has {world}: converting it to "

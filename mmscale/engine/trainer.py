@@ -63,8 +63,8 @@ class Trainer:
         self.stream = task.train_stream(model, self.rank, self.world)
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.stream.steps_per_epoch
         self.checkpoints = Checkpointer(self.run, t.keep_checkpoints, t.on_checkpoint_error)
-        universal = t.resume and self.checkpoints.prepare_resume(self.world)
         groups = parameter_groups(model, cfg.optim)
+        universal = t.resume and self.checkpoints.prepare_resume(self.world, t.zero_stage, len(groups))
         self.logger.log({"event": "param_groups", "groups": describe_groups(groups)})
         self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps),
                                          load_universal=universal, groups=groups)
