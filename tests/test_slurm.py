@@ -225,7 +225,7 @@ def test_requeue_resumes_from_checkpoint(slurm, tmp_path):
     slurm.run("scontrol", "requeue", job)
     slurm.wait(job, lambda: slurm.job(job).get("JobState") == "COMPLETED", "completion after two requeues", 360, log)
     print(f"\n[test_slurm] run of {total} steps with two requeues: {time.monotonic() - t0:.0f}s; events: "
-          + ", ".join(f"{r['event']}@{r['step']}" for r in records(run_dir) if "event" in r))
+          + ", ".join(f"{r['event']}@{r.get('step', '-')}" for r in records(run_dir) if "event" in r))
 
     diag = slurm.diagnostics(job, log)
     info = slurm.job(job)

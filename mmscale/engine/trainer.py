@@ -65,7 +65,7 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run, t.keep_checkpoints, t.on_checkpoint_error)
         groups = parameter_groups(model, cfg.optim)
         universal = t.resume and self.checkpoints.prepare_resume(self.world, t.zero_stage, len(groups))
-        self.logger.log({"event": "param_groups", "step": 0, "groups": describe_groups(groups)})
+        self.logger.log({"event": "param_groups", "groups": describe_groups(groups)})  # no step: not yet training
         self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps),
                                          load_universal=universal, groups=groups)
         self.checkpoints.attach(self.engine)
