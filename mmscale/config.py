@@ -134,6 +134,8 @@ class ClipModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     temperature: float = 0.07
     learn_temperature: bool = False
+    # SigLIP's learnt logit bias b, its initial value (the paper: -10); none: no bias (InfoNCE)
+    logit_bias: Optional[float] = None
 
 
 @dataclass
@@ -158,8 +160,16 @@ class CBMFModelConfig:
 
 @dataclass
 class ClipLossConfig:
-    # global: every rank builds the full B x B logits; local: only its rows (same gradients, less compute)
+    # infonce: symmetric softmax InfoNCE (CMLA eq. 5-8, CLIP); siglip: the pairwise sigmoid loss
+    # (Zhai et al. 2023), which needs model.logit_bias (the paper's init: -10, with temperature 0.1)
+    name: Literal["infonce", "siglip"] = "infonce"
+    # infonce: global: every rank builds the full B x B logits; local: only its rows (same gradients, less compute)
     variant: Literal["global", "local"] = "global"
+    # siglip: how a rank meets the other ranks' texts: bidir (from the ring neighbours, a block per step,
+    # open_clip's default) or gather (one all-gather)
+    exchange: Literal["bidir", "gather"] = "bidir"
+    # > 0: the logits in tile x tile blocks, forward and backward (no B x B matrix); 0: whole
+    tile: int = 0
 
 
 @dataclass
@@ -568,10 +578,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.step_size: must be > 0 for optim.schedule step")
     if (t.early_stopping.metric or o.schedule == "plateau") and t.eval_every <= 0:
         raise ConfigError("train.eval_every: early stopping and the plateau schedule need evaluations (> 0)")
+    if cfg.task == "clip":
+        validate_clip_loss(cfg)
     if cfg.task in ("classify", "cbmf"):
         validate_modalities(cfg)
     validate_image_sizes(cfg)
     validate_tower_controls(cfg)
+
+
+def validate_clip_loss(cfg: Config) -> None:
+    loss, model = cfg.loss, cfg.model
+    if loss.tile < 0:
+        raise ConfigError(f"loss.tile: must be >= 0 (0 = whole logits), got {loss.tile}")
+    if loss.name == "siglip" and model.logit_bias is None:
+        raise ConfigError("loss.name: siglip needs a logit bias: set model.logit_bias (the paper's init: -10, with "
+                          "model.temperature=0.1 and model.learn_temperature=true), or start from recipes/siglip.yaml")
+    if loss.name == "infonce" and model.logit_bias is not None:
+        raise ConfigError(f"model.logit_bias: {model.logit_bias} is set but loss.name is infonce, whose softmax ignores "
+                          "a bias; remove it or set loss.name=siglip")
 
 
 def validate_tower_controls(cfg: Config) -> None:

@@ -172,6 +172,68 @@ def global_index(local_index: torch.Tensor) -> torch.Tensor:
     return local_index + torch.arange(local_index.shape[0], device=local_index.device) // n * n
 
 
+# ---------------------------------------------------------------- ring passes that carry gradients
+
+def _post_and_wait(sends: list, recvs: list) -> None:
+    """Post every send (tensor, peer) and receive (buffer, peer) at once, then wait: two
+    neighbours that send to each other in the same call cannot deadlock."""
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, b, peer) for b, peer in recvs]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+class _RingPass(torch.autograd.Function):
+    """Tensor k moves one step round the ring in direction d_k (+1: to rank + 1, -1: to rank - 1)
+    and this rank receives its neighbour's tensor k from the other side; in the backward each
+    received tensor's gradient goes back to the rank that sent it."""
+
+    @staticmethod
+    def forward(ctx, directions, *xs):
+        rank, world = rank_and_world()
+        ctx.directions = directions
+        received = [torch.empty_like(x) for x in xs]
+        _post_and_wait([(x, (rank + d) % world) for x, d in zip(xs, directions)],
+                       [(r, (rank - d) % world) for r, d in zip(received, directions)])
+        return tuple(received)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        rank, world = rank_and_world()
+        grads = [g.contiguous() for g in grads]
+        back = [torch.empty_like(g) for g in grads]
+        _post_and_wait([(g, (rank - d) % world) for g, d in zip(grads, ctx.directions)],
+                       [(b, (rank + d) % world) for b, d in zip(back, ctx.directions)])
+        return (None, *back)
+
+
+def ring_pass_with_grad(xs: list[torch.Tensor], directions: list[int]) -> list[torch.Tensor]:
+    """Each xs[k] sent one step round the ring in directions[k] (+1 or -1), and what this rank's
+    neighbours sent the same way: [the tensor of rank - d_k for each k]; gradients flow back to the
+    senders. On 2 ranks both neighbours are one rank, so only one direction may be used."""
+    _, world = rank_and_world()
+    if world > 1 and world < 3 and len(set(directions)) > 1:
+        raise ValueError("ring_pass_with_grad: on 2 ranks left and right are one rank; pass one direction")
+    device = xs[0].device
+    received = _RingPass.apply(tuple(directions), *[_to_comm(x) for x in xs])
+    return [_back(r, device) for r in received]
+
+
+def other_ranks_blocks(x: torch.Tensor):
+    """Every other rank's x, one block at a time, with gradients (SigLIP's "bidir" exchange):
+    round k receives the blocks of ranks r - k and r + k from the two neighbours at once, passing
+    on what arrived in round k - 1, so W - 1 blocks take ceil((W - 1) / 2) rounds; an even world's
+    last block (rank r + W/2) comes in one more one-way pass."""
+    _, world = rank_and_world()
+    rightward = leftward = x
+    for _ in range((world - 1) // 2):
+        rightward, leftward = ring_pass_with_grad([rightward, leftward], [1, -1])
+        yield rightward  # from rank r - k
+        yield leftward   # from rank r + k
+    if world > 1 and world % 2 == 0:
+        yield ring_pass_with_grad([rightward], [1])[0]
+
+
 # ---------------------------------------------------------------- rows sharded over the ranks (no gradients)
 
 def shard_rows(n: int) -> list[int]:

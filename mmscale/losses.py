@@ -12,7 +12,13 @@ Distributed gradient convention (DeepSpeed/DDP average parameter gradients over 
   the parameters get exactly dL/dtheta.
 - local: rank r computes L_r on its own rows against all columns; the global loss is
   mean_r L_r. The gather's backward gives sum_r dL_r/dz_local and averaging gives dL/dtheta.
-Either way the parameter gradients equal a single-process full-batch step.
+Either way the parameter gradients equal a single-process full-batch step. SigLIP's loss is
+local in the same sense (each rank's rows against every column).
+
+Tiling (loss.tile = N): the logits exist one N x N block at a time, in the forward (an online
+log-sum-exp, or a running sum for SigLIP) and again in the backward (each block recomputed from
+the embeddings and its gradient added to theirs), so the loss's memory is the embeddings, their
+gradients and one block, whatever the batch.
 """
 from __future__ import annotations
 
@@ -21,31 +27,176 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dist import all_gather_with_grad, rank_and_world
+from .dist import all_gather_with_grad, other_ranks_blocks, rank_and_world
+
+
+def _blocks(n: int, tile: int) -> list[slice]:
+    return [slice(i, min(i + tile, n)) for i in range(0, n, tile)]
+
+
+class _TiledLogSumExp(torch.autograd.Function):
+    """The row log-sum-exps of S = scale * a @ b.T ([m]), and with `columns` its column
+    log-sum-exps too ([m + k] in all), computed one tile x tile block of S at a time.
+
+    Forward: per block, logaddexp of the running value and the block's own log-sum-exp (an online
+    log-sum-exp: exact, and never more than one block of S). Backward: with g the incoming
+    gradient, dS_ij = g_i softmax_j(S_i.) + g'_j softmax_i(S_.j) is formed block by block from the
+    recomputed block and the saved log-sum-exps, and pushed into a, b and scale."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, tile: int, columns: bool):
+        m, k = a.shape[0], b.shape[0]
+        rows = a.new_full((m,), -math.inf)
+        cols = a.new_full((k,), -math.inf) if columns else a.new_empty(0)
+        for i in _blocks(m, tile):
+            for j in _blocks(k, tile):
+                s = scale * (a[i] @ b[j].T)
+                rows[i] = torch.logaddexp(rows[i], s.logsumexp(1))
+                if columns:
+                    cols[j] = torch.logaddexp(cols[j], s.logsumexp(0))
+        ctx.tile, ctx.columns = tile, columns
+        ctx.save_for_backward(a, b, scale, rows, cols)
+        return torch.cat([rows, cols])
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, scale, rows, cols = ctx.saved_tensors
+        m, k = a.shape[0], b.shape[0]
+        g_rows, g_cols = grad[:m], grad[m:]
+        da, db, dscale = torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(scale)
+        for i in _blocks(m, ctx.tile):
+            for j in _blocks(k, ctx.tile):
+                dots = a[i] @ b[j].T
+                s = scale * dots
+                ds = g_rows[i, None] * (s - rows[i, None]).exp()
+                if ctx.columns:
+                    ds += g_cols[None, j] * (s - cols[None, j]).exp()
+                da[i] += scale * (ds @ b[j])
+                db[j] += scale * (ds.T @ a[i])
+                dscale += (ds * dots).sum()
+        return da, db, dscale, None, None
+
+
+class _TiledSoftplusSum(torch.autograd.Function):
+    """sum_ij softplus(scale * a_i . b_j + bias), one tile x tile block at a time (SigLIP's sum
+    over all pairs taken as negatives); the backward recomputes each block, dS = sigmoid(S)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, tile: int):
+        total = a.new_zeros(())
+        for i in _blocks(a.shape[0], tile):
+            for j in _blocks(b.shape[0], tile):
+                total += F.softplus(scale * (a[i] @ b[j].T) + bias).sum()
+        ctx.tile = tile
+        ctx.save_for_backward(a, b, scale, bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, scale, bias = ctx.saved_tensors
+        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        dscale, dbias = torch.zeros_like(scale), torch.zeros_like(bias)
+        for i in _blocks(a.shape[0], ctx.tile):
+            for j in _blocks(b.shape[0], ctx.tile):
+                dots = a[i] @ b[j].T
+                ds = grad * torch.sigmoid(scale * dots + bias)
+                da[i] += scale * (ds @ b[j])
+                db[j] += scale * (ds.T @ a[i])
+                dscale += (ds * dots).sum()
+                dbias += ds.sum()
+        return da, db, dscale, dbias, None
+
+
+def _logsumexp(a, b, scale, tile: int, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row (and column) log-sum-exps of scale * a @ b.T: whole (tile 0) or tiled."""
+    if tile:
+        out = _TiledLogSumExp.apply(a, b, scale, tile, columns)
+        return out[:a.shape[0]], (out[a.shape[0]:] if columns else None)
+    s = scale * a @ b.T
+    return s.logsumexp(1), (s.logsumexp(0) if columns else None)
+
+
+def _positives(a, b, scale, offset: int = 0) -> torch.Tensor:
+    """scale * a_i . b_(offset + i): the logits of the matching pairs, without forming S."""
+    return scale * (a * b[offset:offset + a.shape[0]]).sum(-1)
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                     variant: str = "global") -> torch.Tensor:
+                     variant: str = "global", tile: int = 0) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch gathered from all ranks.
 
     image, text: this rank's [n, d] normalised embeddings; logit_scale: 1/tau (shape [] or [1]).
+    tile > 0: the same loss and gradients from tile x tile blocks of the logits (no B x B matrix):
+    CE_i = logsumexp_j(S_ij) - S_ii, with the log-sum-exps accumulated block by block.
     """
     rank, world = rank_and_world()
     image, text = image.float(), text.float()
     scale = logit_scale.float().reshape(())
     all_image = all_gather_with_grad(image)
     all_text = all_gather_with_grad(text)
+    if variant not in ("global", "local"):
+        raise ValueError(f"loss.variant: {variant!r} is not global or local")
+    if tile:
+        if variant == "global":  # one pass over the blocks gives both directions
+            rows, cols = _logsumexp(all_image, all_text, scale, tile, columns=True)
+            return 0.5 * (rows.mean() + cols.mean()) - _positives(all_image, all_text, scale).mean()
+        offset = rank * image.shape[0]
+        i2t, _ = _logsumexp(image, all_text, scale, tile, columns=False)
+        t2i, _ = _logsumexp(text, all_image, scale, tile, columns=False)
+        return (0.5 * (i2t.mean() + t2i.mean())
+                - 0.5 * (_positives(image, all_text, scale, offset).mean() + _positives(text, all_image, scale, offset).mean()))
     if variant == "local":
         logits_per_image = scale * image @ all_text.T
         logits_per_text = scale * text @ all_image.T
         labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-    elif variant == "global":
+    else:
         logits_per_image = scale * all_image @ all_text.T
         logits_per_text = logits_per_image.T
         labels = torch.arange(all_image.shape[0], device=image.device)
-    else:
-        raise ValueError(f"loss.variant: {variant!r} is not global or local")
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+def _softplus_sum(a, b, scale, bias, tile: int) -> torch.Tensor:
+    if tile:
+        return _TiledSoftplusSum.apply(a, b, scale, bias, tile)
+    return F.softplus(scale * a @ b.T + bias).sum()
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                exchange: str = "bidir", tile: int = 0) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, eq. 1 / Algorithm 1) for this rank's rows:
+
+        L = -1/n sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)),  z_ij = 1 for a pair, -1 otherwise,
+
+    over this rank's n images i and the texts j of every rank (the global loss is the mean over
+    ranks, i.e. 1/|B| sum over all pairs, as the paper's). With -log sigmoid(-x) = softplus(x)
+    and softplus(-x) - softplus(x) = -x it is computed as
+
+        L = 1/n [ sum_ij softplus(x_ij) - sum_i x_ii ],  x_ij = t x_i . y_j + b,
+
+    so the positives never need the logit matrix. exchange: "bidir" receives the other ranks'
+    texts from the two ring neighbours a block per step (open_clip's default); "gather"
+    all-gathers them. tile > 0: each block of pairs in tile x tile pieces."""
+    if exchange not in ("bidir", "gather"):
+        raise ValueError(f"loss.exchange: {exchange!r} is not bidir or gather")
+    rank, world = rank_and_world()
+    image, text = image.float(), text.float()
+    scale, bias = logit_scale.float().reshape(()), logit_bias.float().reshape(())
+    if exchange == "gather" and world > 1:
+        all_text = all_gather_with_grad(text)
+        total = _softplus_sum(image, all_text, scale, bias, tile)
+    else:
+        total = _softplus_sum(image, text, scale, bias, tile)
+        for block in other_ranks_blocks(text):
+            total = total + _softplus_sum(image, block, scale, bias, tile)
+    return (total - (_positives(image, text, scale) + bias).sum()) / image.shape[0]
+
+
+def clip_loss(out: dict, cfg) -> torch.Tensor:
+    """The dual encoder's loss that the recipe names (cfg: a ClipLossConfig)."""
+    if cfg.name == "siglip":
+        return siglip_loss(out["image"], out["text"], out["logit_scale"], out["logit_bias"], cfg.exchange, cfg.tile)
+    return contrastive_loss(out["image"], out["text"], out["logit_scale"], cfg.variant, cfg.tile)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

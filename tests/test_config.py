@@ -136,3 +136,20 @@ def test_image_size_and_the_towers_own_size_agree_or_fail_in_one_line():
                                         "width: 64, head_width: 32, patch_size: 8}, text_cfg: {context_length: 16, "
                                         "vocab_size: 64, width: 32, heads: 2, layers: 1}}}"]).model.image)
     assert oc(torch.zeros(1, 3, 48, 48)).shape == (1, 32)
+
+
+def test_the_siglip_recipe_and_the_loss_checks():
+    cfg = load_config(os.path.join(ROOT, "recipes", "siglip.yaml"), check_files=False)
+    assert (cfg.loss.name, cfg.loss.exchange, cfg.loss.tile) == ("siglip", "bidir", 1024)
+    # the paper's init: t' = log 10 (temperature 0.1), b = -10, both learnt
+    assert (cfg.model.temperature, cfg.model.learn_temperature, cfg.model.logit_bias) == (0.1, True, -10.0)
+    assert cfg.optim.name == "adamw" and cfg.optim.decay_exclusions
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"loss.name: siglip needs a logit bias: set model.logit_bias"):
+        load_config(tiny, ["loss.name=siglip"])
+    with pytest.raises(ConfigError, match=r"model.logit_bias: -10.0 is set but loss.name is infonce"):
+        load_config(tiny, ["model.logit_bias=-10"])
+    with pytest.raises(ConfigError, match=r"loss.tile: must be >= 0"):
+        load_config(tiny, ["loss.tile=-1"])
+    with pytest.raises(ConfigError, match=r"loss.exchange"):
+        load_config(tiny, ["loss.exchange=ring"])

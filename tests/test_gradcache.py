@@ -1,5 +1,6 @@
 """Gradient cache: exact full-batch gradients (1 process, and 2 gloo ranks under DeepSpeed
-ZeRO 0-3, ZeRO 3 with activation checkpointing), dropout and patch-dropout replay, and activation
+ZeRO 0-3, ZeRO 3 with activation checkpointing), for every loss (InfoNCE global and local, SigLIP
+with both exchanges, whole and tiled), dropout and patch-dropout replay, and activation
 memory bounded by the chunk."""
 import json
 import os
@@ -12,7 +13,7 @@ from conftest import ROOT
 from distributed import run_ranks
 from mmscale.config import load_config
 from mmscale.gradcache import grad_cache_step
-from mmscale.losses import contrastive_loss
+from mmscale.losses import clip_loss, contrastive_loss
 from mmscale.models import DualEncoder
 
 B = 16
@@ -40,13 +41,22 @@ def make_batch(model, n=B, seed=1):
     return {"image": torch.randn(n, 3, 32, 32, generator=g), **model.tokenize(texts)}
 
 
-def loss_fn(variant="global"):
-    return lambda out: (contrastive_loss(out["image"], out["text"], out["logit_scale"], variant), {})
+SHARED = ("logit_scale", "logit_bias")
+SIGLIP = ["loss.name=siglip", "model.logit_bias=-10", "model.temperature=0.1"]
+# every loss the dual encoder trains with, whole and tiled (tiles that do not divide the batch)
+LOSSES = {"infonce": [], "infonce_tiled": ["loss.tile=5"], "infonce_local_tiled": ["loss.variant=local", "loss.tile=3"],
+          "siglip": SIGLIP, "siglip_tiled": [*SIGLIP, "loss.tile=5"], "siglip_gather": [*SIGLIP, "loss.exchange=gather"]}
 
 
-def full_batch_grads(model, batch):
+def loss_fn(cfg=None):
+    if cfg is None:
+        return lambda out: (contrastive_loss(out["image"], out["text"], out["logit_scale"]), {})
+    return lambda out: (clip_loss(out, cfg.loss), {})
+
+
+def full_batch_grads(model, batch, cfg=None):
     model.zero_grad()
-    loss, _ = loss_fn()(model(batch))
+    loss, _ = loss_fn(cfg)(model(batch))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -55,19 +65,21 @@ def plain_backward(surrogate, last):
     surrogate.backward()
 
 
-@pytest.mark.parametrize("learn_temperature", [False, True])
-def test_equals_full_batch_single_process(learn_temperature):
-    cfg = tiny_cfg(f"model.learn_temperature={str(learn_temperature).lower()}")
+@pytest.mark.parametrize("learn_temperature,loss", [(False, "infonce"), *((True, name) for name in LOSSES)])
+def test_equals_full_batch_single_process(learn_temperature, loss):
+    cfg = tiny_cfg(f"model.learn_temperature={str(learn_temperature).lower()}", *LOSSES[loss])
     model = make_model(cfg)
     batch = make_batch(model)
-    ref_loss, ref = full_batch_grads(model, batch)
+    ref_loss, ref = full_batch_grads(model, batch, cfg)
     model.zero_grad()
-    loss, _ = grad_cache_step(model, loss_fn(), batch, 4, plain_backward, shared=("logit_scale",))
+    loss, _ = grad_cache_step(model, loss_fn(cfg), batch, 4, plain_backward, shared=SHARED)
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == ref.keys()
     if learn_temperature:
         assert "logit_scale.log_value" in got and got["logit_scale.log_value"].abs().item() > 0
+    if cfg.model.logit_bias is not None:
+        assert got["logit_bias.value"].abs().item() > 0
     for n in ref:
         assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=1e-4), (n, (got[n] - ref[n]).abs().max())
 
@@ -216,13 +228,16 @@ def test_activation_memory_is_bounded_by_the_chunk():
 # ---------------------------------------------------------------- DeepSpeed, 2 ranks
 
 # (ZeRO stage, overrides): the four stages, and ZeRO 3 with both towers' activation checkpointing
-ZERO_RUNS = {"zero0": (0, []), "zero1": (1, []), "zero2": (2, []), "zero3": (3, []), "zero3_ckpt": (3, CKPT)}
+ZERO_RUNS = {"zero0": (0, []), "zero1": (1, []), "zero2": (2, []), "zero3": (3, []), "zero3_ckpt": (3, CKPT),
+             "zero0_siglip": (0, SIGLIP), "zero2_local_tiled": (2, LOSSES["infonce_local_tiled"]),
+             "zero3_siglip_tiled": (3, LOSSES["siglip_tiled"])}
 
 
 def _deepspeed_ranks(rank, world, out_dir, runs=tuple(ZERO_RUNS)):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     deepspeed.init_distributed(dist_backend="gloo")
+    from mmscale.dist import all_reduce_sum
     from mmscale.engine.backend import initialize
     for run in runs:
         stage, extra = ZERO_RUNS[run]
@@ -238,7 +253,8 @@ def _deepspeed_ranks(rank, world, out_dir, runs=tuple(ZERO_RUNS)):
             engine.set_gradient_accumulation_boundary(last)
             engine.backward(s)
 
-        loss, _ = grad_cache_step(engine, loss_fn(), local, 2, backward, shared=("logit_scale",))
+        loss, _ = grad_cache_step(engine, loss_fn(cfg), local, 2, backward, shared=SHARED)
+        loss = torch.tensor(all_reduce_sum(loss) / world)  # the local losses (siglip, local) differ per rank; their mean is the loss
         grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "reduces": engine.enable_backward_allreduce},
@@ -250,10 +266,11 @@ def _deepspeed_ranks(rank, world, out_dir, runs=tuple(ZERO_RUNS)):
 @pytest.mark.slow
 def test_deepspeed_zero_stages_equal_full_batch(tmp_path):
     run_ranks(_deepspeed_ranks, 2, str(tmp_path))
-    model = make_model(tiny_cfg("model.learn_temperature=true"))
-    ref_loss, ref = full_batch_grads(model, make_batch(model))
     report = {}
-    for run in ZERO_RUNS:
+    for run, (_, extra) in ZERO_RUNS.items():
+        cfg = tiny_cfg("model.learn_temperature=true", *extra)
+        model = make_model(cfg)
+        ref_loss, ref = full_batch_grads(model, make_batch(model), cfg)
         got = torch.load(tmp_path / f"{run}.pt")
         assert torch.allclose(got["loss"], ref_loss, atol=1e-6), run
         diffs = []

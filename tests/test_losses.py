@@ -1,6 +1,7 @@
 """The contrastive loss against open_clip's ClipLoss, a literal transcription of CMLA eq. 5-8,
 and, on 2 gloo ranks, against the single-process full-batch loss and gradients."""
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from distributed import run_ranks
-from mmscale.losses import contrastive_loss
+from mmscale.losses import contrastive_loss, siglip_loss
 
 
 def features(n=12, d=7, seed=0):
@@ -80,3 +81,147 @@ def test_two_ranks_equal_single_process_full_batch(variant, tmp_path):
     assert torch.allclose(got["loss"], ref, atol=1e-6)
     for name, p in model.named_parameters():
         assert torch.allclose(got["grads"][name], p.grad, atol=1e-6), name
+
+
+# ---------------------------------------------------------------- SigLIP and tiling
+
+def leaves(n=12, d=7, seed=0, scale=10.0, bias=-10.0):
+    """Normalised features, a learnt scale and bias, all leaves with gradients."""
+    img, txt = features(n, d, seed)
+    return (img.requires_grad_(), txt.requires_grad_(), torch.tensor([scale], requires_grad=True),
+            torch.tensor([bias], requires_grad=True))
+
+
+def grads_of(loss, tensors):
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(torch.autograd.grad(loss, tensors), tensors)]
+
+
+def siglip_eq_1(z_img, z_txt, t, b):
+    """SigLIP (Zhai et al. 2023) eq. 1: -1/|B| sum_i sum_j log 1 / (1 + exp(z_ij (-t x_i . y_j - b)))."""
+    n = len(z_img)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total += math.log(1.0 / (1.0 + math.exp(z * (-t * float(z_img[i] @ z_txt[j]) - b))))
+    return -total / n
+
+
+@pytest.mark.parametrize("tile", [0, 5])
+def test_siglip_matches_open_clip_and_the_paper(tile):
+    from open_clip.loss import SigLipLoss
+    img, txt, scale, bias = leaves(scale=3.0, bias=-2.0)
+    ours = siglip_loss(img, txt, scale, bias, tile=tile)
+    ref = SigLipLoss()(img, txt, scale[0], bias[0])
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert ours.item() == pytest.approx(siglip_eq_1(img.detach(), txt.detach(), 3.0, -2.0), rel=1e-5)
+    for got, want in zip(grads_of(ours, [img, txt, scale, bias]), grads_of(ref, [img, txt, scale, bias])):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert siglip_loss(img, txt.flip(0), scale, bias, tile=tile) > ours
+
+
+@pytest.mark.parametrize("variant", ["global", "local"])
+@pytest.mark.parametrize("n,tile", [(12, 4), (13, 5), (13, 1), (7, 16)])  # divisible, not, 1 x 1, one partial tile
+def test_tiled_infonce_equals_the_whole_logits(variant, n, tile):
+    img, txt, scale, _ = leaves(n=n, scale=1 / 0.07)
+    whole = contrastive_loss(img, txt, scale, variant)
+    tiled = contrastive_loss(img, txt, scale, variant, tile=tile)
+    assert torch.allclose(tiled, whole, atol=1e-5)
+    for got, want in zip(grads_of(tiled, [img, txt, scale]), grads_of(whole, [img, txt, scale])):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_tiled_losses_hold_no_logit_matrix():
+    """Every tensor autograd keeps for the backward is at most one embedding matrix (the tiled
+    functions recompute their blocks there): the B x B logits are never held."""
+    n, d, tile = 64, 4, 8
+    img, txt, scale, bias = leaves(n=n, d=d)
+    biggest = []
+
+    def pack(t):
+        biggest.append(t.numel())
+        return t
+
+    for loss_fn in (lambda: contrastive_loss(img, txt, scale, "global", tile=tile),
+                    lambda: siglip_loss(img, txt, scale, bias, tile=tile)):
+        biggest.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn()
+        assert max(biggest) <= n * d < n * n, biggest
+        loss.backward()
+    biggest.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        contrastive_loss(img, txt, scale, "global")
+    assert max(biggest) == n * n  # the check sees the whole matrix where there is one
+
+
+def _ranks_siglip(rank, world, out_dir):
+    """This rank's SigLIP loss and its features' gradients: open_clip's SigLipLoss (bidir and
+    gather) against ours with both exchanges, whole and tiled."""
+    from open_clip.loss import SigLipLoss
+    img, txt, scale, bias = leaves(n=6 * world, scale=3.0, bias=-2.0)
+    n = 6
+    rows = slice(rank * n, (rank + 1) * n)
+    results = {}
+    for mode in ("bidir", "gather"):
+        for tile in (0, 4):
+            local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
+                     scale.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
+            loss = siglip_loss(*local, exchange=mode, tile=tile)
+            results[f"ours-{mode}-{tile}"] = (loss.detach(), grads_of(loss, local))
+        local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
+                 scale.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
+        ref = SigLipLoss(rank=rank, world_size=world, dist_impl=mode)(local[0], local[1], local[2][0], local[3][0])
+        results[f"open_clip-{mode}"] = (ref.detach(), grads_of(ref, local))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_siglip_on_ranks_matches_open_clip_and_the_full_batch(world, tmp_path):
+    run_ranks(_ranks_siglip, world, str(tmp_path))
+    img, txt, scale, bias = leaves(n=6 * world, scale=3.0, bias=-2.0)
+    full = siglip_loss(img, txt, scale, bias)
+    full_grads = grads_of(full, [img, txt, scale, bias])
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for key in per_rank[0]:
+        for r in range(world):
+            want_loss, want_grads = per_rank[r]["open_clip-bidir"]
+            got_loss, got_grads = per_rank[r][key]
+            assert torch.allclose(got_loss, want_loss, atol=1e-5), (key, r)
+            for got, want in zip(got_grads, want_grads):
+                assert torch.allclose(got, want, atol=1e-5), (key, r)
+        # the mean of the ranks' losses, and the ranks' feature gradients over the world, are the
+        # full batch's (the parameters average over ranks: the local convention)
+        assert torch.allclose(sum(p[key][0] for p in per_rank) / world, full, atol=1e-5), key
+        img_grad = torch.cat([p[key][1][0] for p in per_rank]) / world
+        assert torch.allclose(img_grad, full_grads[0], atol=1e-6), key
+        assert torch.allclose(sum(p[key][1][3] for p in per_rank) / world, full_grads[3], atol=1e-6), key
+
+
+def _ranks_tiled(rank, world, out_dir):
+    img, txt, scale, _ = leaves(n=13 * world, scale=1 / 0.07)
+    n = 13
+    rows = slice(rank * n, (rank + 1) * n)
+    results = {}
+    for variant in ("global", "local"):
+        for tile in (0, 5):
+            local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
+                     scale.detach().clone().requires_grad_()]
+            loss = contrastive_loss(*local, variant, tile=tile)
+            results[f"{variant}-{tile}"] = (loss.detach(), grads_of(loss, local))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_tiled_infonce_on_two_ranks_equals_the_full_batch(tmp_path):
+    """13 rows per rank in tiles of 5 (not divisible), a learnt temperature: each rank's feature
+    and temperature gradients, averaged over ranks as DeepSpeed does, equal the full batch's."""
+    run_ranks(_ranks_tiled, 2, str(tmp_path))
+    img, txt, scale, _ = leaves(n=26, scale=1 / 0.07)
+    full = contrastive_loss(img, txt, scale)
+    full_grads = grads_of(full, [img, txt, scale])
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in per_rank[0]:
+        assert torch.allclose(sum(p[key][0] for p in per_rank) / 2, full, atol=1e-5), key
+        for k, want in enumerate(full_grads[:2]):
+            assert torch.allclose(torch.cat([p[key][1][k] for p in per_rank]) / 2, want, atol=1e-6), key
+        assert torch.allclose(sum(p[key][1][2] for p in per_rank) / 2, full_grads[2], atol=1e-5), key

@@ -97,18 +97,20 @@ def clamp_master(optimizer, p: torch.nn.Parameter, lo: float, hi: float) -> None
     """Clamps the fp32 master copy of p wherever DeepSpeed keeps it:
     - ZeRO-3: this rank's partition of p (a [1] parameter lives on one rank, the others hold
       nothing of it; the full-parameter API would write past their empty partitions);
-    - ZeRO 1/2 and the bf16 optimizer: p's fragment mapping (the full-parameter API writes each
-      rank's fragment);
+    - ZeRO 1/2 and the bf16 optimizer: p's fragment of this rank's fp32 partition, clamped in
+      place (element-wise, so no collective: only the ranks whose partition holds part of p have
+      a fragment mapping, and the full-parameter API's all-reduce, entered by those ranks alone,
+      hung a 2-rank run whose temperature sat in rank 1's partition);
     - bf16 under ZeRO 0 (FP16_UnfusedOptimizer): its own fp32 copy of p, found by position;
     - a bare torch optimizer: p itself (clamped by the caller)."""
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
-                                 safe_set_local_fp32_param)
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
     if hasattr(p, "ds_id"):
         local = safe_get_local_fp32_param(p)
         if local is not None and local.numel():
             safe_set_local_fp32_param(p, local.clamp(lo, hi))
     elif getattr(p, "_hp_mapping", None) is not None:
-        safe_set_full_fp32_param(p, safe_get_full_fp32_param(p).clamp(lo, hi))
+        with torch.no_grad():
+            p._hp_mapping.get_hp_fragment().clamp_(lo, hi)
     elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
         for low, master in zip(optimizer.fp16_groups, optimizer.fp32_groups):
             for q, m in zip(low, master):

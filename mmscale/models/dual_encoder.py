@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ClipModelConfig, ConfigError
-from .layers import LogitScale, mlp
+from .layers import LogitBias, LogitScale, mlp
 from .towers import Tower, build_tower
 
 
@@ -37,7 +37,8 @@ class SharedBlockFusion(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """model(batch) -> {"image": [B, d], "text": [B, d] (L2-normalised), "logit_scale": [1]}."""
+    """model(batch) -> {"image": [B, d], "text": [B, d] (L2-normalised), "logit_scale": [1]}, and
+    "logit_bias": [1] when model.logit_bias is set (SigLIP)."""
 
     def __init__(self, cfg: ClipModelConfig):
         super().__init__()
@@ -63,6 +64,7 @@ class DualEncoder(nn.Module):
                 raise ConfigError(f"model.heads.enabled: without heads the tower widths must match (image {iw}, text {tw})")
             self.image_head = self.text_head = nn.Identity()
         self.logit_scale = LogitScale(cfg.temperature, cfg.learn_temperature)
+        self.logit_bias = LogitBias(cfg.logit_bias) if cfg.logit_bias is not None else None
 
     def named_towers(self) -> dict[str, Tower]:
         return {"image": self.image_tower, "text": self.text_tower}
@@ -85,8 +87,11 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_head(h), dim=-1)
 
     def forward(self, batch: dict) -> dict:
-        return {
+        out = {
             "image": self.encode_image(batch["image"]),
             "text": self.encode_text(batch["input_ids"], batch["attention_mask"]),
             "logit_scale": self.logit_scale(),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias()
+        return out

@@ -47,6 +47,17 @@ class LogitScale(nn.Module):
         return {self.log_value: (None, self.MAX)} if isinstance(self.log_value, nn.Parameter) else {}
 
 
+class LogitBias(nn.Module):
+    """SigLIP's learnt logit bias b (a [1] parameter, like LogitScale's value)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.value = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
 def blend(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """lambda_i x_i + (1 - lambda_i) partner_i, lambda broadcast over the trailing dims."""
     lam = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))

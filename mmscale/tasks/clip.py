@@ -4,15 +4,15 @@ from __future__ import annotations
 from ..data.images import CaptionDataset, Splits, image_transform, load_splits
 from ..data.shards import ShardDataset
 from ..data.stream import BatchStream, Collate, ShardStream
-from ..losses import contrastive_loss
+from ..losses import clip_loss
 from ..models import DualEncoder
 from .base import Progress, Task, image_text_evaluation
 
 
 class ClipTask(Task):
-    """Symmetric InfoNCE (CMLA eq. 5-8) over the batch gathered from all ranks."""
+    """Symmetric InfoNCE (CMLA eq. 5-8) or SigLIP's sigmoid loss over the batch of all ranks."""
 
-    shared_outputs = ("logit_scale",)
+    shared_outputs = ("logit_scale", "logit_bias")
 
     def __init__(self, cfg, logger=None):
         super().__init__(cfg, logger)
@@ -43,8 +43,10 @@ class ClipTask(Task):
                            num_workers=d.num_workers)
 
     def loss(self, out: dict, batch: dict, progress: Progress):
-        loss = contrastive_loss(out["image"], out["text"], out["logit_scale"], self.cfg.loss.variant)
-        return loss, {"temperature": 1.0 / out["logit_scale"].detach().float()}
+        metrics = {"temperature": 1.0 / out["logit_scale"].detach().float()}
+        if "logit_bias" in out:
+            metrics["logit_bias"] = out["logit_bias"].detach().float()
+        return clip_loss(out, self.cfg.loss), metrics
 
     def evaluate(self, model: DualEncoder, device, dtype) -> dict:
         splits = self._splits()
