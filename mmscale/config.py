@@ -163,11 +163,13 @@ class ClipLossConfig:
     # infonce: symmetric softmax InfoNCE (CMLA eq. 5-8, CLIP); siglip: the pairwise sigmoid loss
     # (Zhai et al. 2023), which needs model.logit_bias (the paper's init: -10, with temperature 0.1)
     name: Literal["infonce", "siglip"] = "infonce"
-    # infonce: global: every rank builds the full B x B logits; local: only its rows (same gradients, less compute)
-    variant: Literal["global", "local"] = "global"
+    # infonce: global: every rank builds the full B x B logits; local: only its rows (same gradients, less
+    # compute); ring: its rows, the other ranks' embeddings passed round the ring a block at a time, never gathered
+    variant: Literal["global", "local", "ring"] = "global"
     # siglip: how a rank meets the other ranks' texts: bidir (from the ring neighbours, a block per step,
-    # open_clip's default) or gather (one all-gather)
-    exchange: Literal["bidir", "gather"] = "bidir"
+    # open_clip's default), gather (one all-gather), or ring (round the ring again in the backward, one
+    # other rank's block held at a time)
+    exchange: Literal["bidir", "gather", "ring"] = "bidir"
     # > 0: the logits in tile x tile blocks, forward and backward (no B x B matrix); 0: whole
     tile: int = 0
 
@@ -223,7 +225,10 @@ class DataConfig:
     # webdataset: any tar shards, streamed with resampling (resume restores the step, not the samples)
     # multiview: MOGONET folders ({1,2,3}_{tr,te}.csv, labels_{tr,te}.csv), for task classify
     # imagetext: image + text + label, JSONL files (data.train, data.test) or shard folders, for task classify
-    type: Literal["digits", "imagefolder", "coco", "shards", "webdataset", "multiview", "imagetext"] = "digits"
+    # synthetic: data.num_samples random images with captions "<template> <digit name>", generated per
+    # index (any batch size, nothing read; for benchmarks, not results)
+    type: Literal["digits", "imagefolder", "coco", "shards", "webdataset", "multiview", "imagetext",
+                  "synthetic"] = "digits"
     root: str = ""
     train: str = ""  # imagetext: JSONL ({"image", "text", "label"} per line) or a build_shards folder with .cls
     test: str = ""
@@ -231,7 +236,7 @@ class DataConfig:
     normalize: Literal["none", "minmax", "standard"] = "none"  # multiview: fitted on the training split
     feature_cache: str = ""  # cbmf: folder for the frozen towers' outputs (default <run_dir>/features)
     shards: str = ""  # shards: a folder; webdataset: a brace pattern, e.g. /data/cc3m/{00000..00331}.tar
-    num_samples: int = 0  # webdataset: samples per epoch (sets steps per epoch and the LR schedule)
+    num_samples: int = 0  # webdataset: samples per epoch (sets steps per epoch and the LR schedule); synthetic: size
     shuffle_buffer: int = 5000
     captions: str = ""  # coco: the captions json
     caption_template: str = "a photo of a {}."
@@ -549,6 +554,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.dist_timeout_s: must be >= 10 (seconds)")
     if t.steps <= 0 and t.epochs <= 0:
         raise ConfigError("train.steps: set train.steps or train.epochs to a positive number")
+    if d.type == "synthetic" and d.num_samples <= 0:
+        raise ConfigError("data.num_samples: required (> 0) for data.type synthetic (at least train.global_batch_size)")
     if d.type == "webdataset":
         if not d.shards:
             raise ConfigError("data.shards: required for data.type webdataset")

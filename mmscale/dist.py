@@ -219,6 +219,19 @@ def ring_pass_with_grad(xs: list[torch.Tensor], directions: list[int]) -> list[t
     return [_back(r, device) for r in received]
 
 
+def ring_pass(x: torch.Tensor) -> torch.Tensor:
+    """x sent to rank + 1, and rank - 1's x in return, without autograd (the ring losses move
+    their blocks, and the blocks' gradients, themselves). Every rank's x has the same shape."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    rank = rank_and_world()[0]
+    sent = _to_comm(x)
+    received = torch.empty_like(sent)
+    _post_and_wait([(sent, (rank + 1) % world)], [(received, (rank - 1) % world)])
+    return _back(received, x.device)
+
+
 def other_ranks_blocks(x: torch.Tensor):
     """Every other rank's x, one block at a time, with gradients (SigLIP's "bidir" exchange):
     round k receives the blocks of ranks r - k and r + k from the two neighbours at once, passing

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dist import all_gather_with_grad, other_ranks_blocks, rank_and_world
+from .dist import all_gather_with_grad, other_ranks_blocks, rank_and_world, ring_pass
 
 
 def _blocks(n: int, tile: int) -> list[slice]:
@@ -77,34 +77,94 @@ class _TiledLogSumExp(torch.autograd.Function):
         return da, db, dscale, None, None
 
 
+# One block of pairs, a's rows against b's, in tiles, without autograd: the value and the
+# gradients (added into da, db) of either the rows' log-sum-exps ("lse") or the sum of
+# softplus(S + bias) ("softplus", SigLIP). The tiled and ring functions below are built on these.
+
+def _block_value(kind: str, a, b, scale, bias, tile: int) -> torch.Tensor:
+    out = a.new_full((a.shape[0],), -math.inf) if kind == "lse" else a.new_zeros(())
+    for i in _blocks(a.shape[0], tile):
+        for j in _blocks(b.shape[0], tile):
+            s = scale * (a[i] @ b[j].T)
+            if kind == "lse":
+                out[i] = torch.logaddexp(out[i], s.logsumexp(1))
+            else:
+                out += F.softplus(s + bias).sum()
+    return out
+
+
+def _block_grads(kind: str, a, b, scale, bias, value, grad, tile: int, da, db) -> tuple:
+    """Adds the block's gradients into da and db; returns those of scale and bias."""
+    dscale, dbias = torch.zeros_like(scale), torch.zeros_like(bias)
+    for i in _blocks(a.shape[0], tile):
+        for j in _blocks(b.shape[0], tile):
+            dots = a[i] @ b[j].T
+            if kind == "lse":  # d logsumexp_j(S_ij) / dS_ij = softmax_j(S_i.)
+                ds = grad[i, None] * (scale * dots - value[i, None]).exp()
+            else:
+                ds = grad * torch.sigmoid(scale * dots + bias)
+                dbias += ds.sum()
+            da[i] += scale * (ds @ b[j])
+            db[j] += scale * (ds.T @ a[i])
+            dscale += (ds * dots).sum()
+    return dscale, dbias
+
+
 class _TiledSoftplusSum(torch.autograd.Function):
     """sum_ij softplus(scale * a_i . b_j + bias), one tile x tile block at a time (SigLIP's sum
     over all pairs taken as negatives); the backward recomputes each block, dS = sigmoid(S)."""
 
     @staticmethod
     def forward(ctx, a, b, scale, bias, tile: int):
-        total = a.new_zeros(())
-        for i in _blocks(a.shape[0], tile):
-            for j in _blocks(b.shape[0], tile):
-                total += F.softplus(scale * (a[i] @ b[j].T) + bias).sum()
         ctx.tile = tile
         ctx.save_for_backward(a, b, scale, bias)
-        return total
+        return _block_value("softplus", a, b, scale, bias, tile)
 
     @staticmethod
     def backward(ctx, grad):
         a, b, scale, bias = ctx.saved_tensors
         da, db = torch.zeros_like(a), torch.zeros_like(b)
-        dscale, dbias = torch.zeros_like(scale), torch.zeros_like(bias)
-        for i in _blocks(a.shape[0], ctx.tile):
-            for j in _blocks(b.shape[0], ctx.tile):
-                dots = a[i] @ b[j].T
-                ds = grad * torch.sigmoid(scale * dots + bias)
-                da[i] += scale * (ds @ b[j])
-                db[j] += scale * (ds.T @ a[i])
-                dscale += (ds * dots).sum()
-                dbias += ds.sum()
+        dscale, dbias = _block_grads("softplus", a, b, scale, bias, None, grad, ctx.tile, da, db)
         return da, db, dscale, dbias, None
+
+
+class _RingRows(torch.autograd.Function):
+    """This rank's rows a against every rank's columns c, with only one other rank's block of c
+    held at a time: the blocks travel round the ring (dist.ring_pass), and in the backward they
+    travel round again with a gradient accumulator each rank adds its share to, then go home.
+    kind "lse": the rows' log-sum-exps over all columns ([n]); "softplus": SigLIP's
+    sum_ij softplus(S_ij + bias) (a scalar). W - 1 passes forward, W backward, each block in
+    tiles; nothing gathered, nothing saved but this rank's own a, c and the result."""
+
+    @staticmethod
+    def forward(ctx, kind: str, a, c, scale, bias, tile: int):
+        world = rank_and_world()[1]
+        tile = tile or max(a.shape[0], c.shape[0])
+        block, acc = c, None
+        for step in range(world):
+            if step:
+                block = ring_pass(block)
+            part = _block_value(kind, a, block, scale, bias, tile)
+            acc = part if acc is None else (torch.logaddexp(acc, part) if kind == "lse" else acc + part)
+        ctx.kind, ctx.tile = kind, tile
+        ctx.save_for_backward(a, c, scale, bias, acc)
+        return acc
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, c, scale, bias, acc = ctx.saved_tensors
+        world = rank_and_world()[1]
+        da = torch.zeros_like(a)
+        dscale, dbias = torch.zeros_like(scale), torch.zeros_like(bias)
+        block, dblock = c, torch.zeros_like(c)
+        for step in range(world):
+            if step:  # rank r now holds rank r - step's block and the shares of ranks r - step .. r - 1
+                both = ring_pass(torch.cat([block, dblock]))
+                block, dblock = both[:c.shape[0]], both[c.shape[0]:]
+            g_scale, g_bias = _block_grads(ctx.kind, a, block, scale, bias, acc, grad, ctx.tile, da, dblock)
+            dscale, dbias = dscale + g_scale, dbias + g_bias
+        # the block last held is rank r + 1's, with every rank's share: one more pass takes each home
+        return None, da, ring_pass(dblock), dscale, dbias, None
 
 
 def _logsumexp(a, b, scale, tile: int, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,14 +188,22 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     image, text: this rank's [n, d] normalised embeddings; logit_scale: 1/tau (shape [] or [1]).
     tile > 0: the same loss and gradients from tile x tile blocks of the logits (no B x B matrix):
     CE_i = logsumexp_j(S_ij) - S_ii, with the log-sum-exps accumulated block by block.
+    variant "ring": the local loss, with the other ranks' embeddings passed round the ring one
+    block at a time instead of all-gathered (nothing larger than a rank's own block is held).
     """
     rank, world = rank_and_world()
     image, text = image.float(), text.float()
     scale = logit_scale.float().reshape(())
-    all_image = all_gather_with_grad(image)
-    all_text = all_gather_with_grad(text)
-    if variant not in ("global", "local"):
-        raise ValueError(f"loss.variant: {variant!r} is not global or local")
+    if variant != "ring":
+        all_image = all_gather_with_grad(image)
+        all_text = all_gather_with_grad(text)
+    if variant not in ("global", "local", "ring"):
+        raise ValueError(f"loss.variant: {variant!r} is not global, local or ring")
+    if variant == "ring":  # local rows; the other ranks' embeddings come round the ring, never gathered
+        zero = scale.new_zeros(())
+        i2t = _RingRows.apply("lse", image, text, scale, zero, tile)
+        t2i = _RingRows.apply("lse", text, image, scale, zero, tile)
+        return 0.5 * (i2t.mean() + t2i.mean()) - _positives(image, text, scale).mean()
     if tile:
         if variant == "global":  # one pass over the blocks gives both directions
             rows, cols = _logsumexp(all_image, all_text, scale, tile, columns=True)
@@ -175,14 +243,18 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
         L = 1/n [ sum_ij softplus(x_ij) - sum_i x_ii ],  x_ij = t x_i . y_j + b,
 
     so the positives never need the logit matrix. exchange: "bidir" receives the other ranks'
-    texts from the two ring neighbours a block per step (open_clip's default); "gather"
-    all-gathers them. tile > 0: each block of pairs in tile x tile pieces."""
-    if exchange not in ("bidir", "gather"):
-        raise ValueError(f"loss.exchange: {exchange!r} is not bidir or gather")
+    texts from the two ring neighbours a block per step (open_clip's default; autograd keeps every
+    received block for the backward); "gather" all-gathers them; "ring" passes them round the ring
+    and again in the backward, holding one other rank's block at a time. tile > 0: each block of
+    pairs in tile x tile pieces."""
+    if exchange not in ("bidir", "gather", "ring"):
+        raise ValueError(f"loss.exchange: {exchange!r} is not bidir, gather or ring")
     rank, world = rank_and_world()
     image, text = image.float(), text.float()
     scale, bias = logit_scale.float().reshape(()), logit_bias.float().reshape(())
-    if exchange == "gather" and world > 1:
+    if exchange == "ring":
+        total = _RingRows.apply("softplus", image, text, scale, bias, tile)
+    elif exchange == "gather" and world > 1:
         all_text = all_gather_with_grad(text)
         total = _softplus_sum(image, all_text, scale, bias, tile)
     else:

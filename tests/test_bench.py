@@ -24,10 +24,13 @@ def bench(tmp_path, *args):
 
 @pytest.mark.slow
 def test_bench_measures_the_gradient_cached_step(tmp_path):
-    r = bench(tmp_path, "--synthetic", "--warmup", "1", "--steps", "2", "--split-steps", "1")
+    # synthetic pairs and a tiled loss, as the loss-memory measurements of PERFORMANCE.md run it
+    r = bench(tmp_path, "--synthetic", "--warmup", "1", "--steps", "2", "--split-steps", "1",
+              "data.type=synthetic", "data.num_samples=80", "loss.tile=24")
     assert r["grad_cache_chunk"] == 16 and r["global_batch"] == 64 and r["samples_per_s"] > 0
     assert {"embed", "loss", "reforward_backward", "optimizer", "data_wait"} <= set(r["split_s"])
     assert r["peak_memory_gb"] > 0.1 and r["memory_kind"] == "process peak RSS"
+    assert 0.1 < r["memory_before_steps_gb"] <= r["peak_memory_gb"]
     f = r["flop_per_sample"]
     # chunk 16 of 64: every chunk but the last runs forward twice
     assert 0 < f["forward"] < f["forward_backward"]

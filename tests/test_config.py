@@ -152,4 +152,4 @@ def test_the_siglip_recipe_and_the_loss_checks():
     with pytest.raises(ConfigError, match=r"loss.tile: must be >= 0"):
         load_config(tiny, ["loss.tile=-1"])
     with pytest.raises(ConfigError, match=r"loss.exchange"):
-        load_config(tiny, ["loss.exchange=ring"])
+        load_config(tiny, ["loss.exchange=shift"])

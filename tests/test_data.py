@@ -4,7 +4,7 @@ import torch
 
 from conftest import shared_path
 from mmscale.config import DataConfig
-from mmscale.data.images import CaptionDataset, image_transform, load_splits
+from mmscale.data.images import CaptionDataset, SyntheticPairs, image_transform, load_splits
 from mmscale.data.stream import BatchStream, Collate
 
 
@@ -170,3 +170,12 @@ def test_training_streams_webdataset_shards(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     losses = [json.loads(l) for l in open(run / "metrics.jsonl") if '"loss"' in l]
     assert [x["step"] for x in losses] == [1, 2] and all(x["epoch"] == 0 for x in losses)
+
+
+def test_synthetic_pairs_are_a_function_of_the_index():
+    ds = SyntheticPairs(50, 16, "a photo of the number {}.", image_transform(16, train=True))
+    image, caption, label, skipped = ds[(0, 0, 13)]
+    again = ds[(0, 0, 13)]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and torch.equal(image, again[0])
+    assert (caption, label, skipped, len(ds)) == ("a photo of the number three.", 3, 0, 50)
+    assert not torch.equal(ds[(0, 0, 14)][0], image)

@@ -45,6 +45,17 @@ class Recorder(types.SimpleNamespace):
     def barrier(self, group=None):
         self._record("barrier", None, group)
 
+    # point to point (SigLIP's ring exchange): P2POp(op, tensor, peer) batched
+    isend, irecv = "isend", "irecv"
+
+    def P2POp(self, op, tensor, peer, group=None):
+        return types.SimpleNamespace(op=op, tensor=tensor, peer=peer, group=group)
+
+    def batch_isend_irecv(self, ops):
+        for o in ops:
+            self._record(o.op, o.tensor, o.group)
+        return [types.SimpleNamespace(wait=lambda: None) for _ in ops]
+
     def new_group(self, backend=None, **kwargs):
         return f"host-{backend}"
 
@@ -158,8 +169,15 @@ def test_losses_gather_on_the_comm_device(comm):
     from mmscale.losses import contrastive_loss
     image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
     text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
-    for variant in ("global", "local"):
-        contrastive_loss(image, text, torch.tensor(10.0), variant).backward()
+    for variant in ("global", "local", "ring"):
+        for tile in (0, 3):
+            contrastive_loss(image, text, torch.tensor(10.0), variant, tile).backward()
+    assert_on_comm_device(comm)
+    from mmscale.losses import siglip_loss
+    comm.calls.clear()
+    for exchange in ("bidir", "gather", "ring"):
+        siglip_loss(image, text, torch.tensor(10.0), torch.tensor(-10.0), exchange, tile=3).backward()
+    assert {name for name, _ in default_group_devices(comm)} == {"isend", "irecv", "all_gather", "all_reduce"}
     assert_on_comm_device(comm)
     from mmscale.dist import gather_outputs
     out = gather_outputs({"emb": torch.randn(4, 8, requires_grad=True), "label": torch.arange(4),

@@ -1,7 +1,7 @@
 """Gradient cache: exact full-batch gradients (1 process, and 2 gloo ranks under DeepSpeed
-ZeRO 0-3, ZeRO 3 with activation checkpointing), for every loss (InfoNCE global and local, SigLIP
-with both exchanges, whole and tiled), dropout and patch-dropout replay, and activation
-memory bounded by the chunk."""
+ZeRO 0-3, ZeRO 3 with activation checkpointing), for every loss (InfoNCE global, local and ring, SigLIP
+with its three exchanges, whole and tiled), dropout and patch-dropout replay, and activation memory
+bounded by the chunk."""
 import json
 import os
 
@@ -45,7 +45,8 @@ SHARED = ("logit_scale", "logit_bias")
 SIGLIP = ["loss.name=siglip", "model.logit_bias=-10", "model.temperature=0.1"]
 # every loss the dual encoder trains with, whole and tiled (tiles that do not divide the batch)
 LOSSES = {"infonce": [], "infonce_tiled": ["loss.tile=5"], "infonce_local_tiled": ["loss.variant=local", "loss.tile=3"],
-          "siglip": SIGLIP, "siglip_tiled": [*SIGLIP, "loss.tile=5"], "siglip_gather": [*SIGLIP, "loss.exchange=gather"]}
+          "infonce_ring": ["loss.variant=ring", "loss.tile=3"], "siglip": SIGLIP, "siglip_tiled": [*SIGLIP, "loss.tile=5"],
+          "siglip_gather": [*SIGLIP, "loss.exchange=gather"], "siglip_ring": [*SIGLIP, "loss.exchange=ring"]}
 
 
 def loss_fn(cfg=None):
@@ -230,6 +231,7 @@ def test_activation_memory_is_bounded_by_the_chunk():
 # (ZeRO stage, overrides): the four stages, and ZeRO 3 with both towers' activation checkpointing
 ZERO_RUNS = {"zero0": (0, []), "zero1": (1, []), "zero2": (2, []), "zero3": (3, []), "zero3_ckpt": (3, CKPT),
              "zero0_siglip": (0, SIGLIP), "zero2_local_tiled": (2, LOSSES["infonce_local_tiled"]),
+             "zero1_ring": (1, LOSSES["infonce_ring"]), "zero2_siglip_ring": (2, LOSSES["siglip_ring"]),
              "zero3_siglip_tiled": (3, LOSSES["siglip_tiled"])}
 
 

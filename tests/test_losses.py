@@ -1,5 +1,6 @@
 """The contrastive loss against open_clip's ClipLoss, a literal transcription of CMLA eq. 5-8,
 and, on 2 gloo ranks, against the single-process full-batch loss and gradients."""
+import functools
 import math
 import os
 
@@ -163,12 +164,14 @@ def _ranks_siglip(rank, world, out_dir):
     n = 6
     rows = slice(rank * n, (rank + 1) * n)
     results = {}
-    for mode in ("bidir", "gather"):
+    for mode in ("bidir", "gather", "ring"):
         for tile in (0, 4):
             local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
                      scale.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
             loss = siglip_loss(*local, exchange=mode, tile=tile)
             results[f"ours-{mode}-{tile}"] = (loss.detach(), grads_of(loss, local))
+        if mode == "ring":
+            continue  # open_clip has no ring exchange
         local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
                  scale.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
         ref = SigLipLoss(rank=rank, world_size=world, dist_impl=mode)(local[0], local[1], local[2][0], local[3][0])
@@ -199,29 +202,44 @@ def test_siglip_on_ranks_matches_open_clip_and_the_full_batch(world, tmp_path):
 
 
 def _ranks_tiled(rank, world, out_dir):
-    img, txt, scale, _ = leaves(n=13 * world, scale=1 / 0.07)
+    img, txt, scale, bias = leaves(n=13 * world, scale=1 / 0.07)
     n = 13
     rows = slice(rank * n, (rank + 1) * n)
-    results = {}
-    for variant in ("global", "local"):
-        for tile in (0, 5):
-            local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
-                     scale.detach().clone().requires_grad_()]
-            loss = contrastive_loss(*local, variant, tile=tile)
-            results[f"{variant}-{tile}"] = (loss.detach(), grads_of(loss, local))
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    results, held = {}, {}
+    losses = {f"{variant}-{tile}": functools.partial(contrastive_loss, variant=variant, tile=tile)
+              for variant in ("global", "local", "ring") for tile in (0, 5)}
+    losses["siglip-ring-5"] = lambda i, t, s: siglip_loss(i, t, s, bias.detach(), exchange="ring", tile=5)
+    for key, fn in losses.items():
+        local = [img.detach()[rows].clone().requires_grad_(), txt.detach()[rows].clone().requires_grad_(),
+                 scale.detach().clone().requires_grad_()]
+        sizes = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            loss = fn(*local)
+        held[key] = max(sizes)
+        results[key] = (loss.detach(), grads_of(loss, local))
+    torch.save({"results": results, "held": held}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_tiled_infonce_on_two_ranks_equals_the_full_batch(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_tiled_and_ring_infonce_on_ranks_equal_the_full_batch(world, tmp_path):
     """13 rows per rank in tiles of 5 (not divisible), a learnt temperature: each rank's feature
-    and temperature gradients, averaged over ranks as DeepSpeed does, equal the full batch's."""
-    run_ranks(_ranks_tiled, 2, str(tmp_path))
-    img, txt, scale, _ = leaves(n=26, scale=1 / 0.07)
+    and temperature gradients, averaged over ranks as DeepSpeed does, equal the full batch's, for
+    the global, local and ring variants. The ring holds nothing larger than a rank's own rows for
+    the backward (the gathers hold all W ranks'), and SigLIP's ring no more either."""
+    run_ranks(_ranks_tiled, world, str(tmp_path))
+    img, txt, scale, _ = leaves(n=13 * world, scale=1 / 0.07)
     full = contrastive_loss(img, txt, scale)
     full_grads = grads_of(full, [img, txt, scale])
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = [s["results"] for s in saved]
     for key in per_rank[0]:
-        assert torch.allclose(sum(p[key][0] for p in per_rank) / 2, full, atol=1e-5), key
+        if key.startswith("siglip"):
+            continue
+        assert torch.allclose(sum(p[key][0] for p in per_rank) / world, full, atol=1e-5), key
         for k, want in enumerate(full_grads[:2]):
-            assert torch.allclose(torch.cat([p[key][1][k] for p in per_rank]) / 2, want, atol=1e-6), key
-        assert torch.allclose(sum(p[key][1][2] for p in per_rank) / 2, full_grads[2], atol=1e-5), key
+            assert torch.allclose(torch.cat([p[key][1][k] for p in per_rank]) / world, want, atol=1e-6), key
+        assert torch.allclose(sum(p[key][1][2] for p in per_rank) / world, full_grads[2], atol=1e-5), key
+    d = img.shape[1]
+    for s in saved:
+        assert s["held"]["ring-5"] <= 13 * d and s["held"]["siglip-ring-5"] <= 13 * d, s["held"]
+        assert s["held"]["local-5"] == 13 * world * d  # the gathered copy, where there is one

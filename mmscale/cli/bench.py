@@ -245,6 +245,15 @@ def peak_memory(device) -> dict:
             "memory_kind": "process peak RSS"}
 
 
+def current_memory(device) -> float:
+    """GB held now: CUDA allocated, or the process's resident set on the CPU."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 30
+    import psutil
+    return psutil.Process().memory_info().rss / 2 ** 30
+
+
 def open_clip_overrides(model: str) -> list[str]:
     import open_clip
     config = open_clip.get_model_config(model)
@@ -328,6 +337,9 @@ def main(argv=None) -> int:
 
     sync = functools.partial(synchronize, device)
 
+    # the step's own growth: peak RSS (or CUDA max allocated) above what is held before the first
+    # step (the model, the optimizer, a --synthetic batch)
+    start_memory = current_memory(device)
     for _ in range(args.warmup):
         trainer.train_step(next_batch())
     sync()
@@ -369,6 +381,7 @@ def main(argv=None) -> int:
         "grad_cache_chunk": trainer.chunk if trainer.chunk < trainer.local_batch else 0, "compile": t.compile,
         "synthetic": args.synthetic, "warmup": args.warmup, "steps": args.steps,
         "samples_per_s": samples_per_s, "step_s": seconds / args.steps, "split_s": split, **memory,
+        "memory_before_steps_gb": start_memory,
         "host_syncs_per_step": {k: v / args.steps for k, v in syncs.counts.items()},
         "attention": attention_kernels(trainer.engine.module), "versions": versions(),
     }

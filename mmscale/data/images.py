@@ -122,6 +122,27 @@ class CaptionDataset(KeyedDataset):
         return image, s.caption, s.label
 
 
+class SyntheticPairs(KeyedDataset):
+    """n image-caption pairs made from their index alone: uniform random pixels (seeded by the
+    index) and the caption template filled with a digit name (label i mod 10). For measuring
+    speed and memory at any batch size without reading data; nothing here can be learnt."""
+
+    def __init__(self, n: int, size: int, template: str, transform):
+        super().__init__(transform)
+        self.n, self.size, self.template = n, size, template
+
+    def __len__(self):
+        return self.n
+
+    def label(self, i) -> int:
+        return i % 10
+
+    def load(self, i):
+        g = np.random.default_rng(i)
+        pixels = g.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8)
+        return Image.fromarray(pixels), self.template.format(DIGIT_NAMES[i % 10]), i % 10
+
+
 def scan_class_folders(root: str, max_per_class: int = 0) -> tuple[list[str], list[int], list[str]]:
     """(image files, class index of each, class folder names) of root/<class>/*, classes in
     sorted folder order, files sorted within each class, at most max_per_class each (0 = all)."""

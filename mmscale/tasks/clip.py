@@ -1,7 +1,7 @@
 """Task clip: CMLA contrastive pretraining of a dual encoder."""
 from __future__ import annotations
 
-from ..data.images import CaptionDataset, Splits, image_transform, load_splits
+from ..data.images import CaptionDataset, Splits, SyntheticPairs, image_transform, load_splits
 from ..data.shards import ShardDataset
 from ..data.stream import BatchStream, Collate, ShardStream
 from ..losses import clip_loss
@@ -22,7 +22,7 @@ class ClipTask(Task):
         return DualEncoder(self.cfg.model)
 
     def _splits(self) -> Splits:
-        if self.cfg.data.type in ("shards", "webdataset"):
+        if self.cfg.data.type in ("shards", "webdataset", "synthetic"):
             return Splits([], [], [])  # streamed data has no held-out split; eval sets come from eval.*
         if self.splits is None:
             self.splits = load_splits(self.cfg.data)
@@ -37,6 +37,8 @@ class ClipTask(Task):
                                num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
         if d.type == "shards":
             ds = ShardDataset(d.shards, image_transform(size, train=True), d.on_bad_shard)
+        elif d.type == "synthetic":
+            ds = SyntheticPairs(d.num_samples, size, d.caption_template, image_transform(size, train=True))
         else:
             ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
         return BatchStream(ds, collate, self.cfg.train.global_batch_size, rank, world, seed=d.seed,
