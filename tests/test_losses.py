@@ -1,12 +1,12 @@
-"""The contrastive loss against open_clip's ClipLoss, a literal transcription of CMLA eq. 5-8,
-and, on 2 gloo ranks, against the single-process full-batch loss and gradients."""
+"""The contrastive losses against open_clip (ClipLoss, SigLipLoss) and literal transcriptions of
+CMLA eq. 5-8 and SigLIP eq. 1; tiled and ring forms against the whole logits; and, on 2 and 3 gloo
+ranks, every variant against open_clip's and the single-process full-batch loss and gradients."""
 import functools
 import math
 import os
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
@@ -37,51 +37,6 @@ def test_matches_open_clip_and_the_paper(variant):
     assert ours.item() == pytest.approx(cmla_eq_5_8(img, txt, 0.07), rel=1e-5)
     # swapping a pair's captions must raise the loss: the loss sees the pairing
     assert contrastive_loss(img, txt.flip(0), scale, variant) > ours
-
-
-class TwoTowers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.img, self.txt = nn.Linear(6, 5), nn.Linear(4, 5)
-        self.log_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
-
-    def forward(self, x, y):
-        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(y), dim=-1), self.log_scale.exp()
-
-
-def batch(n=16):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 6, generator=g), torch.randn(n, 4, generator=g)
-
-
-def _ranks_loss(rank, world, variant, out_path):
-    import torch.distributed as dist
-    model = TwoTowers()
-    x, y = batch()
-    n = len(x) // world
-    loss = contrastive_loss(*model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]), variant)
-    loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():  # DDP/DeepSpeed convention: average over ranks
-        dist.all_reduce(p.grad)
-        grads[name] = p.grad / world
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    if rank == 0:
-        torch.save({"loss": mean_loss / world, "grads": grads}, out_path)
-
-
-@pytest.mark.parametrize("variant", ["global", "local"])
-def test_two_ranks_equal_single_process_full_batch(variant, tmp_path):
-    run_ranks(_ranks_loss, 2, variant, str(tmp_path / "r.pt"))
-    got = torch.load(tmp_path / "r.pt")
-    model = TwoTowers()
-    ref = contrastive_loss(*model(*batch()))
-    ref.backward()
-    assert torch.allclose(got["loss"], ref, atol=1e-6)
-    for name, p in model.named_parameters():
-        assert torch.allclose(got["grads"][name], p.grad, atol=1e-6), name
 
 
 # ---------------------------------------------------------------- SigLIP and tiling
@@ -176,16 +131,27 @@ def _ranks_siglip(rank, world, out_dir):
                  scale.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
         ref = SigLipLoss(rank=rank, world_size=world, dist_impl=mode)(local[0], local[1], local[2][0], local[3][0])
         results[f"open_clip-{mode}"] = (ref.detach(), grads_of(ref, local))
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(results, os.path.join(out_dir, f"siglip{rank}.pt"))
+
+
+def _ranks_losses(rank, world, out_dir):
+    _ranks_siglip(rank, world, out_dir)
+    _ranks_tiled(rank, world, out_dir)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_siglip_on_ranks_matches_open_clip_and_the_full_batch(world, tmp_path):
-    run_ranks(_ranks_siglip, world, str(tmp_path))
+def test_losses_on_ranks_equal_open_clip_and_the_full_batch(world, tmp_path):
+    """One launch of `world` gloo ranks for both checks below (each launch costs seconds)."""
+    run_ranks(_ranks_losses, world, str(tmp_path))
+    check_siglip_on_ranks(world, tmp_path)
+    check_tiled_and_ring_infonce_on_ranks(world, tmp_path)
+
+
+def check_siglip_on_ranks(world, tmp_path):
     img, txt, scale, bias = leaves(n=6 * world, scale=3.0, bias=-2.0)
     full = siglip_loss(img, txt, scale, bias)
     full_grads = grads_of(full, [img, txt, scale, bias])
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = [torch.load(tmp_path / f"siglip{r}.pt") for r in range(world)]
     for key in per_rank[0]:
         for r in range(world):
             want_loss, want_grads = per_rank[r]["open_clip-bidir"]
@@ -217,20 +183,18 @@ def _ranks_tiled(rank, world, out_dir):
             loss = fn(*local)
         held[key] = max(sizes)
         results[key] = (loss.detach(), grads_of(loss, local))
-    torch.save({"results": results, "held": held}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"results": results, "held": held}, os.path.join(out_dir, f"tiled{rank}.pt"))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_tiled_and_ring_infonce_on_ranks_equal_the_full_batch(world, tmp_path):
+def check_tiled_and_ring_infonce_on_ranks(world, tmp_path):
     """13 rows per rank in tiles of 5 (not divisible), a learnt temperature: each rank's feature
     and temperature gradients, averaged over ranks as DeepSpeed does, equal the full batch's, for
     the global, local and ring variants. The ring holds nothing larger than a rank's own rows for
     the backward (the gathers hold all W ranks'), and SigLIP's ring no more either."""
-    run_ranks(_ranks_tiled, world, str(tmp_path))
     img, txt, scale, _ = leaves(n=13 * world, scale=1 / 0.07)
     full = contrastive_loss(img, txt, scale)
     full_grads = grads_of(full, [img, txt, scale])
-    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    saved = [torch.load(tmp_path / f"tiled{r}.pt") for r in range(world)]
     per_rank = [s["results"] for s in saved]
     for key in per_rank[0]:
         if key.startswith("siglip"):
