@@ -212,7 +212,7 @@ def ring_pass_with_grad(xs: list[torch.Tensor], directions: list[int]) -> list[t
     neighbours sent the same way: [the tensor of rank - d_k for each k]; gradients flow back to the
     senders. On 2 ranks both neighbours are one rank, so only one direction may be used."""
     _, world = rank_and_world()
-    if world > 1 and world < 3 and len(set(directions)) > 1:
+    if world == 2 and len(set(directions)) > 1:
         raise ValueError("ring_pass_with_grad: on 2 ranks left and right are one rank; pass one direction")
     device = xs[0].device
     received = _RingPass.apply(tuple(directions), *[_to_comm(x) for x in xs])
@@ -222,10 +222,9 @@ def ring_pass_with_grad(xs: list[torch.Tensor], directions: list[int]) -> list[t
 def ring_pass(x: torch.Tensor) -> torch.Tensor:
     """x sent to rank + 1, and rank - 1's x in return, without autograd (the ring losses move
     their blocks, and the blocks' gradients, themselves). Every rank's x has the same shape."""
-    _, world = rank_and_world()
+    rank, world = rank_and_world()
     if world == 1:
         return x
-    rank = rank_and_world()[0]
     sent = _to_comm(x)
     received = torch.empty_like(sent)
     _post_and_wait([(sent, (rank + 1) % world)], [(received, (rank - 1) % world)])
