@@ -249,7 +249,7 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     pairs in tile x tile pieces."""
     if exchange not in ("bidir", "gather", "ring"):
         raise ValueError(f"loss.exchange: {exchange!r} is not bidir, gather or ring")
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     image, text = image.float(), text.float()
     scale, bias = logit_scale.float().reshape(()), logit_bias.float().reshape(())
     if exchange == "ring":
