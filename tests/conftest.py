@@ -1,3 +1,6 @@
+"""pytest's setup for every test module: the repository and ../shared/data paths, offline hubs,
+one torch thread per test process, a free port, and `shared_path`, which skips a test cleanly
+when ../shared is not there. What test modules share beyond that is in helpers.py."""
 import os
 import socket
 import sys
@@ -28,7 +31,7 @@ def shared_path(*parts) -> str:
 
 
 def tiny_model_config(**changes):
-    """The tiny recipe's model with dropout-free towers, as a ModelConfig."""
+    """The tiny recipe as a Config, with `changes` as dotted overrides (key=value)."""
     from mmscale.config import load_config
     cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), [f"{k}={v}" for k, v in changes.items()])
     return cfg

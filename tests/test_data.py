@@ -1,8 +1,8 @@
-import os
 
 import torch
 
 from conftest import shared_path
+from helpers import write_digit_shards
 from mmscale.config import DataConfig
 from mmscale.data.images import CaptionDataset, SyntheticPairs, image_transform, load_splits
 from mmscale.data.stream import BatchStream, Collate
@@ -114,25 +114,6 @@ def test_cifar10_folders_from_shared():
                                      "attention_mask": torch.ones(len(texts), 1, dtype=torch.long)})
     batch = collate([ds[i] for i in range(4)])
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].tolist() == [0] * 4
-
-
-def write_digit_shards(folder, per_shard=100, shards=3, corrupt=()):
-    """Digits as tar shards in build_shards' layout (tars + _meta/shards.json); the sample
-    numbers in `corrupt` get bytes that are no image."""
-    import webdataset as wds
-    from mmscale.data.shards import write_index
-    splits = load_splits(DataConfig(type="digits", caption_template="a photo of the number {}.", eval_fraction=0.0))
-    os.makedirs(folder, exist_ok=True)
-    k = 0
-    for s in range(shards):
-        with wds.TarWriter(os.path.join(folder, f"{s:05d}.tar")) as sink:
-            for _ in range(per_shard):
-                sample = splits.train[k]
-                image = b"not a png" if k in corrupt else sample.image
-                sink.write({"__key__": f"{k:08d}", "png": image, "txt": sample.caption})
-                k += 1
-    write_index(folder, [{"url": f"{s:05d}.tar", "nsamples": per_shard} for s in range(shards)])
-    return os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))
 
 
 def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):

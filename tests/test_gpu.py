@@ -2,16 +2,14 @@
 step under ZeRO 0, 2 and 3 for timm + transformers and for open_clip towers, the gradient cache
 against the plain step in bf16, compiled against eager, the temperature clamp in bf16, and with
 2+ GPUs the tiny recipe on 2 NCCL ranks logging, evaluating, checkpointing and resuming on 1."""
-import json
 import math
 import os
-import subprocess
 
 import pytest
 import torch
 
-from conftest import PY, ROOT, free_port
-from helpers import OPEN_CLIP_TOWERS, fp32_master
+from conftest import ROOT
+from helpers import OPEN_CLIP_TOWERS, finish, fp32_master, launch, records
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -19,20 +17,8 @@ TOWERS = {"timm_hf": [], "open_clip": OPEN_CLIP_TOWERS}
 
 
 def train(run_dir, *overrides, gpus=1, timeout=600):
-    """recipes/tiny.yaml on `gpus` GPUs (torchrun for 2+), NCCL as the default group."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    cmd = [PY, "mmscale/train.py"] if gpus == 1 else \
-        [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", str(free_port()),
-         "mmscale/train.py"]
-    proc = subprocess.run(cmd + ["recipes/tiny.yaml", f"train.run_dir={run_dir}", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """recipes/tiny.yaml on `gpus` GPUs (torchrun for 2+), NCCL as the default group; its output."""
+    return finish(launch(run_dir, *overrides, ranks=gpus, env={"OMP_NUM_THREADS": "2"}), timeout=timeout)
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

@@ -5,7 +5,6 @@ import argparse
 import importlib
 import importlib.util
 import io
-import json
 import os
 import subprocess
 import tomllib
@@ -13,12 +12,8 @@ import tomllib
 import pytest
 
 from conftest import PY, ROOT, free_port
-from mmscale.engine.logger import MetricsLogger, ProgressDisplay, scalars
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from helpers import read_jsonl
+from mmscale.engine.logger import MetricsLogger, scalars
 
 
 def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:

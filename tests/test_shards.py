@@ -1,55 +1,14 @@
 """tools/build_shards.py end to end: the real img2dataset against a loopback HTTP server."""
-import functools
 import glob
-import io
 import json
 import os
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import SHARED
+from helpers import Server, real_photos
 from mmscale.data.shards import BuildOptions, build_shards
-
-
-class Server:
-    """Serves a folder on 127.0.0.1 and counts the requests it answers."""
-
-    def __init__(self, root):
-        self.hits = 0
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self):
-                server.hits += 1
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-
-
-def real_photos(n):
-    """COCO-MINI photos when ../shared is here, else generated 256x256 images."""
-    files = sorted(glob.glob(os.path.join(SHARED, "coco-mini", "val2017", "*.jpg")))[:n]
-    if len(files) == n:
-        return [open(f, "rb").read() for f in files]
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (256, 240, 3), dtype=np.uint8)).save(buf, "JPEG")
-        out.append(buf.getvalue())
-    return out
 
 
 @pytest.fixture

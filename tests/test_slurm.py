@@ -22,6 +22,7 @@ import uuid
 import pytest
 
 from conftest import ROOT
+from helpers import events, records
 
 LOCAL = os.path.join(ROOT, "slurm", "local")
 
@@ -108,18 +109,6 @@ def tail(path, n):
             return "\n".join(f.read().replace("\r", "\n").splitlines()[-n:])
     except OSError as e:
         return f"({e})"
-
-
-def records(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip().endswith("}")]
-
-
-def events(run_dir, name):
-    return [r for r in records(run_dir) if r.get("event") == name]
 
 
 def latest(run_dir):

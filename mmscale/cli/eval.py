@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from mmscale.files import RunDir, atomic_write_json
+
 
 def _named(values: list[str], flag: str) -> dict[str, str]:
     out = {}
@@ -146,13 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         file = os.path.join(out, f"{key.replace('/', '_')}.png")
         plot_retrieval(key.split("/", 1)[1], c, file)
         plots.append(file)
-    if run_dir and os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+    if run_dir and os.path.isfile(RunDir(run_dir).metrics):
         file = os.path.join(out, "training_curves.png")
-        if plot_training(os.path.join(run_dir, "metrics.jsonl"), file):
+        if plot_training(RunDir(run_dir).metrics, file):
             plots.append(file)
     report = {"model": os.path.abspath(args.model), "command": " ".join(sys.argv), "metrics": metrics,
               "curves": curves, "plots": plots}
-    from mmscale.files import atomic_write_json
     atomic_write_json(os.path.join(out, "eval.json"), report)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {os.path.join(out, 'eval.json')} and {len(plots)} plot(s)")

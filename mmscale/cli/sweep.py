@@ -35,13 +35,15 @@ import time
 
 import numpy as np
 
+from mmscale.files import RunDir
+
 PROTOCOLS = {"final": "final epoch", "val": "validation-selected (honest)", "test": "test-selected (papers' protocol)"}
 SHORT = {"final": "final", "val": "val-selected", "test": "test-selected"}
 
 
 def train_run(recipe: str, seed: int, run_dir: str, overrides: list[str], keep_checkpoints: bool) -> None:
     """Train (recipe, seed) into run_dir unless it has finished there already."""
-    if os.path.isfile(os.path.join(run_dir, "results.json")):
+    if os.path.isfile(RunDir(run_dir).results):
         return
     cmd = [sys.executable, "-m", "mmscale.train", recipe, f"train.seed={seed}", f"data.seed={seed}",
            f"train.run_dir={run_dir}", *overrides]
@@ -55,12 +57,12 @@ def train_run(recipe: str, seed: int, run_dir: str, overrides: list[str], keep_c
     with open(os.path.join(run_dir, "wall_seconds"), "w") as f:
         f.write(f"{time.time() - tic:.1f}\n")
     if not keep_checkpoints:
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+        shutil.rmtree(RunDir(run_dir).checkpoints, ignore_errors=True)
 
 
 def evaluations(run_dir: str) -> list[dict]:
     """The run's evaluation records (those with test metrics), in step order."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(RunDir(run_dir).metrics) as f:
         return [r for r in map(json.loads, f) if "test/acc" in r]
 
 
@@ -81,7 +83,7 @@ def select_test(evals: list[dict]) -> dict:
 
 def protocols(run_dir: str, select: str, mode: str, epochs_from: str | None) -> dict:
     """{protocol: metrics of the evaluation it picks, with its step} for one finished run."""
-    with open(os.path.join(run_dir, "results.json")) as f:
+    with open(RunDir(run_dir).results) as f:
         final = json.load(f)
     evals = evaluations(run_dir)
     out = {"final": final}

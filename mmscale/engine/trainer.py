@@ -162,9 +162,6 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.state.step % every == 0
-
     def fit(self) -> dict:
         self.watchdog.start()
         try:
@@ -176,6 +173,7 @@ class Trainer:
             raise
         finally:
             self.watchdog.stop()
+            self.logger.close()  # the progress bar, then TensorBoard's writer
 
     def _fit(self) -> dict:
         t = self.cfg.train
@@ -191,39 +189,42 @@ class Trainer:
             result = self.train_step(next(batches))
             seen += t.global_batch_size
             bar.step()
-            step, last = self.state.step, self.state.step == self.total_steps
-            if self._due(t.log_every) or last:
+            step = self.state.step
+            if self.itstime(t.log_every, last=True):
                 self.logger.log(self.step_record(result, time.perf_counter() - tic, seen))
                 tic, seen = time.perf_counter(), 0
-            if last:
-                break
+            if step == self.total_steps:
+                break  # finish() evaluates and checkpoints the last step
             # evaluate first: a checkpoint at the same step then carries what the evaluation
             # changed (best so far, plateau state)
-            if self._due(t.eval_every):
+            if self.itstime(t.eval_every):
                 self.evaluate()
-            if self._due(t.checkpoint_every):
+            if self.itstime(t.checkpoint_every):
                 self.checkpoints.save(step)
             if self.stop.requested():  # every rank got the same answer, a step after the signal
-                bar.close()
                 self.checkpoints.save(step, final=True)
                 self.logger.log({"event": "preempted", "step": step, "signal": self.stop.received})
                 return {"step": step, "preempted": True}
-        bar.close()
         return self.finish()
 
+    def itstime(self, every: int, last: bool = False) -> bool:
+        """Is the step just done one of every `every` steps (0: never), or with `last`, the last
+        one? (big_vision's itstime.)"""
+        step = self.state.step
+        return (every > 0 and step % every == 0) or (last and step == self.total_steps)
+
     def finish(self) -> dict:
-        """The final evaluation, then the final checkpoint (so it carries what the evaluation
-        changed, as the periodic ones do), the export and results.json: the final evaluation, or
-        with early stopping the best one (whose weights the export already holds)."""
+        """The end of training, one decision a line; results.json holds what it returns."""
         step, (eval_step, metrics) = self.state.step, self.last_eval
-        # an early stop comes right after an evaluation of this very step: no second one
-        results = {"step": step, **(metrics if eval_step == step else self.evaluate())}
-        self.checkpoints.save(step, final=True)
-        if self.early.enabled:
-            best = self.early.best
-            results = {"step": step, "best_step": best["step"], **best["metrics"]}
-        elif self.cfg.train.export:
-            self.export()
+        if eval_step != step:  # an early stop comes right after an evaluation of this very step
+            metrics = self.evaluate()
+        self.checkpoints.save(step, final=True)  # after the evaluation: it carries what that changed
+        if self.early.enabled:  # the best evaluation, whose weights the export already holds
+            results = {"step": step, "best_step": self.early.best["step"], **self.early.best["metrics"]}
+        else:
+            results = {"step": step, **metrics}
+            if self.cfg.train.export:
+                self.export()
         if self.rank == 0:
             atomic_write_json(self.run.results, results)
         return results
