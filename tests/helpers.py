@@ -96,9 +96,10 @@ def events(run_dir, name) -> list[dict]:
 
 # ---------------------------------------------------------------- data written for tests
 
-def write_digit_shards(folder, per_shard=100, shards=3, corrupt=()):
+def write_digit_shards(folder, per_shard=100, shards=3, corrupt=(), numbered=False):
     """Digits as tar shards in build_shards' layout (tars + _meta/shards.json); the sample
-    numbers in `corrupt` get bytes that are no image. Returns the brace pattern of the tars."""
+    numbers in `corrupt` get bytes that are no image; `numbered` captions each sample "sample K"
+    (its number) instead of its class. Returns the brace pattern of the tars."""
     import webdataset as wds
     from mmscale.config import DataConfig
     from mmscale.data.images import load_splits
@@ -111,7 +112,7 @@ def write_digit_shards(folder, per_shard=100, shards=3, corrupt=()):
             for _ in range(per_shard):
                 sample = splits.train[k]
                 image = b"not a png" if k in corrupt else sample.image
-                sink.write({"__key__": f"{k:08d}", "png": image, "txt": sample.caption})
+                sink.write({"__key__": f"{k:08d}", "png": image, "txt": f"sample {k}" if numbered else sample.caption})
                 k += 1
     write_index(folder, [{"url": f"{s:05d}.tar", "nsamples": per_shard} for s in range(shards)])
     return os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))

@@ -126,8 +126,10 @@ class ShardStream(_Position):
 
     Shards are resampled: every rank and loader worker draws shards with its own seed, the
     usual setup for multi-node streaming (no constraint between shard and rank counts).
-    Steps per epoch come from data.num_samples so the LR schedule is right. Resume restores
-    the step and epoch; the samples after a resume are a fresh draw, not a replay.
+    Steps per epoch come from data.num_samples so the LR schedule is right. The shard draw and
+    the shuffle buffer are seeded by (train.seed, rank, epoch, step): a run is reproducible, and
+    resume restores the step and epoch and continues with a draw of its own (not a replay of
+    the epoch's first samples, and not the samples the interrupted run would have seen).
     Undecodable samples are skipped with a warning rather than stopping the run.
     """
 
@@ -143,10 +145,12 @@ class ShardStream(_Position):
     def _pipeline(self):
         import webdataset as wds
         skip = wds.warn_and_continue
+        # where the stream starts: the draw of a resumed run differs from the epoch's start
+        seed = ((self.seed * 100_003 + self.rank) * 1_009 + self.epoch) * 100_003 + self.step
         return wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=self.seed * 100_003 + self.rank * 1_009 + self.epoch, deterministic=True),
+            wds.ResampledShards(self.urls, seed=seed, deterministic=True),
             wds.tarfile_to_samples(handler=skip),
-            wds.shuffle(self.shuffle_buffer),
+            wds.shuffle(self.shuffle_buffer, seed=seed),  # webdataset seeds it from the clock otherwise
             wds.decode("pil", handler=skip),
             wds.to_tuple("jpg;jpeg;png;webp", "txt", handler=skip),
             wds.map(lambda s: (self.transform(s[0]), s[1].strip(), -1, 0), handler=skip),
