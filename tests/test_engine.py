@@ -169,17 +169,19 @@ def launch_ranks(run_dir, *overrides, world=2):
 @pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
 def test_a_lost_rank_does_not_hang_the_others(how, tmp_path):
     """Rank 1 hangs (SIGSTOP) or dies (kill -9) mid-run: rank 0 exits within train.dist_timeout_s
-    with one line naming rank 1 and code 69, writing nothing. (A rerun resumes from latest like
-    any stopped run: test_kill_and_resume_continues_exactly.)"""
+    with one line naming rank 1 and code 69, writing nothing; after the kill -9, rerunning the
+    command resumes from latest and recomputes the steps the lost run had logged past it to the
+    same losses."""
     from mmscale.engine import LOST_RANK_EXIT
     run_dir = str(tmp_path / "run")
     over = ["train.steps=12", "train.checkpoint_every=4", "train.log_every=1", "train.dist_timeout_s=10"]
     procs = launch_ranks(run_dir, *over)
     latest = os.path.join(run_dir, "checkpoints", "latest")
     deadline = time.time() + 240
-    while not os.path.exists(latest) and time.time() < deadline and procs[0].poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    def past_a_checkpoint():  # a step logged after the latest checkpoint: mid-run, with work to redo
+        return os.path.exists(latest) and max(step_losses(run_dir), default=0) > int(open(latest).read()[4:] or 0)
+    while not past_a_checkpoint() and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.02)
     tic = time.time()
     os.kill(procs[1].pid, getattr(signal, how))
     out, _ = procs[0].communicate(timeout=60)
@@ -192,6 +194,14 @@ def test_a_lost_rank_does_not_hang_the_others(how, tmp_path):
     assert len(line) == 1 and "rank 1 stopped answering" in line[0], out[-2000:]
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", open(latest).read()))  # latest still names a checkpoint
+    if how == "SIGKILL":
+        lost, at = step_losses(run_dir), int(open(latest).read()[len("step"):])
+        assert max(lost) > at  # steps past the checkpoint were logged, and are done again
+        finish(launch(run_dir, *over, ranks=2))
+        again = step_losses(run_dir)
+        assert [r["step"] for r in events(run_dir, "resumed")] == [at] and sorted(again) == list(range(1, 13))
+        for step in lost:
+            assert again[step] == pytest.approx(lost[step], rel=1e-5, abs=1e-6), step
 
 
 @pytest.mark.slow

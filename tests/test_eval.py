@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import ROOT, shared_path, tiny_model_config
 from distributed import run_ranks
+from helpers import finish, launch
 from mmscale import eval as ev
 from mmscale.data.images import Sample
 
@@ -295,21 +296,26 @@ def test_cli_on_export_writes_json_and_plots(tmp_path, capsys):
         tool.main([str(run / "export"), "--zeroshot", f"x={tmp_path / 'missing'}"])
 
 
-def test_cli_on_stage0_checkpoint(tmp_path):
-    from mmscale.config import save_config
+@pytest.mark.slow
+def test_cli_on_a_real_zero0_checkpoint(tmp_path):
+    """mmscale-eval on a run folder reads its newest checkpoint as DeepSpeed wrote it under ZeRO 0
+    (mp_rank_00_model_states.pt), after the run's data has gone: the weights equal the run's export
+    of the same step."""
+    from safetensors.torch import load_file
+    from mmscale.config import load_config, save_config
     run = tmp_path / "run"
-    cfg, model = _tiny_export(run / "export")
-    cfg.train.zero_stage = 0
-    # trained elsewhere: the run's data is not on this machine, and need not be
-    cfg.data.type, cfg.data.root = "imagefolder", str(tmp_path / "gone")
+    finish(launch(str(run), "train.steps=2", "train.zero_stage=0", "train.precision=fp32", "train.eval_every=0",
+                  "eval.zeroshot=false", "train.checkpoint_every=0"))
+    assert (run / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").is_file()
+    cfg = load_config(str(run / "config.yaml"))
+    cfg.data.type, cfg.data.root = "imagefolder", str(tmp_path / "gone")  # trained elsewhere: no data here
     save_config(cfg, str(run / "config.yaml"))
-    (run / "checkpoints" / "step00000005").mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, run / "checkpoints" / "step00000005" / "mp_rank_00_model_states.pt")
-    (run / "checkpoints" / "latest").write_text("step00000005")
     loaded, run_dir = _load_tool().load_model(str(run))
     assert run_dir == str(run)
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    assert exported.keys() == loaded.state_dict().keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(exported[k], v), k
 
 
 def test_clip_task_evaluate_runs_configured_sets(tmp_path):

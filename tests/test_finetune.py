@@ -380,10 +380,42 @@ def test_build_shards_label_column_feeds_the_classifier(tmp_path):
     assert by_caption == {f"photo {i}": ["zebra", "apple"][i % 2] for i in range(6)}
 
 
+def test_m3co_feeds_the_towers_mixed_pixels_and_mixed_token_embeddings():
+    """M3Co's eq. 2 on image + text towers, at the inputs: the image tower sees
+    lambda_i x_i + (1 - lambda_i) x_j (pixels), the text tower sees the same blend of the word
+    embeddings of a partner k drawn for the text (tokens cannot be interpolated) and attends to
+    either's tokens; the partners are drawn per modality (j for the image, k for the text)."""
+    from mmscale.models import build_model
+    from mmscale.models.layers import blend
+    cfg = load_config(os.path.join(ROOT, "recipes", "m3col_food101.yaml"), [*TINY_TOWERS, "model.num_classes=4"],
+                      check_files=False)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    n, text = 6, model.encoders["text"].tower
+    batch = {"image": torch.rand(n, 3, 32, 32), "text/input_ids": torch.randint(1000, 2000, (n, 12)),
+             "text/attention_mask": (torch.arange(12) < torch.tensor([12, 9, 7, 12, 5, 10])[:, None]).long(),
+             "label": torch.arange(n) % 4}
+    pixels, embeds = [], []
+    model.encoders["image"].tower.register_forward_pre_hook(lambda m, args: pixels.append(args[0]))
+    plain_embeds = text.forward_embeds
+    text.forward_embeds = lambda e, mask: (embeds.append((e, mask)), plain_embeds(e, mask))[1]
+    out = model(batch, mix="m3co", draws="paper", at="inputs")
+    (j, lam_image), (k, lam_text) = [(out[f"mix_perm/{m}"], out[f"mix_lambda/{m}"]) for m in ("image", "text")]
+    assert (lam_image < 1).all() and not torch.equal(j, k) and torch.equal(lam_image, lam_text)  # eq. 2: one lambda_i
+    assert len(pixels) == 2 and torch.equal(pixels[0], batch["image"])  # the plain forward, then the mixed one
+    assert torch.allclose(pixels[1], blend(batch["image"], batch["image"][j], lam_image))
+    assert not torch.allclose(pixels[1], batch["image"])
+    [(mixed, mask)] = embeds
+    words = text.embed_tokens(batch["text/input_ids"])
+    assert torch.allclose(mixed, blend(words, words[k], lam_text))
+    assert torch.equal(mask, torch.maximum(batch["text/attention_mask"], batch["text/attention_mask"][k]))
+    assert out["mix_emb/text"].shape == out["emb/text"].shape == (n, 48)  # the tower's width (embed_dim 0)
+
+
 @pytest.mark.slow
-def test_image_text_m3col_mixes_pixels_and_token_embeddings(tmp_path):
-    """Towers on image + text: M3Co mixes images and the text tower's token embeddings, then
-    MultiSoftClip takes over; the export (with its tokenizer) rebuilds offline."""
+def test_image_text_m3col_trains_switches_to_multisoftclip_and_exports(tmp_path):
+    """Towers on image + text through the engine: M3Co (its inputs checked above) for the first
+    half, then MultiSoftClip; the export (with its tokenizer) rebuilds offline and evaluates the same."""
     root = write_digit_jsonl(str(tmp_path / "j"))
     run = str(tmp_path / "run")
     over = [*TINY_TOWERS, "model.classifier.hidden_dims=[32]", f"data.train={root}/train.jsonl",
