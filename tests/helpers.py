@@ -156,6 +156,28 @@ def write_digit_jsonl(folder, n=60, names=True):
     return folder
 
 
+def write_digit_files(folder, layout, n=200):
+    """The first n digits as PNG files, in an `imagefolder` layout (folder/<digit name>/K.png)
+    or a `coco` one (folder/images/K.png + folder/captions.json, one caption each). Returns the
+    overrides that train on them."""
+    from sklearn.datasets import load_digits
+    from mmscale.data.images import DIGIT_NAMES
+    d = load_digits()
+    images, annotations = [], []
+    for k in range(n):
+        name = DIGIT_NAMES[d.target[k]]
+        sub = name if layout == "imagefolder" else "images"
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        Image.fromarray((d.images[k] * 255 / 16).astype(np.uint8)).save(os.path.join(folder, sub, f"{k}.png"))
+        images.append({"id": k, "file_name": f"images/{k}.png"})
+        annotations.append({"id": k, "image_id": k, "caption": f"a photo of the number {name}."})
+    if layout == "imagefolder":
+        return ["data.type=imagefolder", f"data.root={folder}"]
+    with open(os.path.join(folder, "captions.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+    return ["data.type=coco", f"data.root={folder}", f"data.captions={os.path.join(folder, 'captions.json')}"]
+
+
 class Server:
     """Serves a folder on 127.0.0.1 and counts the requests it answers."""
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port
 from helpers import (OPEN_CLIP_TOWERS, events, finish, fp32_master, kill_tree, launch, records, step_losses,
-                     views_config, write_digit_shards, write_views)
+                     views_config, write_digit_files, write_digit_shards, write_views)
 from mmscale.engine.schedule import lr_lambda
 
 
@@ -83,12 +83,37 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
         assert skipped[-1] >= 1 and skipped == sorted(skipped)
 
 
-NO_DROPOUT = ("model.text.config_overrides={num_hidden_layers: 2, hidden_size: 96, num_attention_heads: 3, "
-              "intermediate_size: 192, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}")
+# on one rank the dropout masks come from the per-step seed: a run stopped at a checkpoint and
+# rerun with more steps (constant LR: the schedule does not depend on the total) draws the masks
+# and batches of an uninterrupted run
+DROPOUT = ["model.text.config_overrides.hidden_dropout_prob=0.1",
+           "model.text.config_overrides.attention_probs_dropout_prob=0.1"]
 
 
-WORLD_CHANGE = ["optim.schedule=constant", "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false",
-                NO_DROPOUT]  # dropout masks are drawn per rank: 2 ranks != 1 with dropout
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["imagefolder", "coco"])
+def test_image_files_resume_exactly_with_dropout_on(layout, tmp_path):
+    """The README's exact resume for `imagefolder` and `coco` data, dropout on in the text tower:
+    8 steps in one go equal 4 steps and a rerun to 8, step by step and in the final weights."""
+    over = [*write_digit_files(str(tmp_path / "data"), layout), *DROPOUT, "optim.schedule=constant",
+            "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false", "train.checkpoint_every=0",
+            "train.global_batch_size=32"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    finish(launch(ref, *over, "train.steps=8"))
+    finish(launch(cut, *over, "train.steps=4"))
+    finish(launch(cut, *over, "train.steps=8"))
+    a, b = step_losses(ref), step_losses(cut)
+    assert [r["step"] for r in events(cut, "resumed")] == [4] and sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    wa = load_file(os.path.join(ref, "export", "model.safetensors"))
+    wb = load_file(os.path.join(cut, "export", "model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+# tiny.yaml's towers have no dropout: dropout masks are drawn per rank, so 2 ranks != 1 with it
+WORLD_CHANGE = ["optim.schedule=constant", "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false"]
 # parameter groups: weight decay off for norms/biases, 5 block depths, a head at 2x (12 groups)
 GROUPS = ["optim.weight_decay=0.01", "optim.layer_decay=0.7", "optim.lr_mult={text_head: 2.0}"]
 
