@@ -221,3 +221,14 @@ def test_a_union_tries_each_member_and_says_why_each_refused():
     with pytest.raises(ConfigError, match=r"^x: \[1, 'a'\] matches none of int, list of ints \(int: expected an "
                                           r"integer, got \[1, 'a'\]; list of ints: x\.1: expected an integer, got 'a'\)$"):
         build(Two, {"x": [1, "a"]})
+
+
+def test_model_side_checks_fail_at_load_time():
+    """What the models used to find when they were built (after the process group started)."""
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"^model\.fusion\.type: shared_block needs token outputs"):
+        load_config(tiny, ["model.fusion.type=shared_block", "model.text.source=open_clip"])
+    with pytest.raises(ConfigError, match=r"^model\.fusion\.num_heads: 8 does not divide model\.fusion\.width 100$"):
+        load_config(tiny, ["model.fusion.type=shared_block", "model.fusion.width=100"])
+    with pytest.raises(ConfigError, match=r"^model\.text\.config_overrides: only allowed with pretrained: false$"):
+        load_config(tiny, ["model.text.pretrained=true"])

@@ -1,6 +1,6 @@
 """Every cross-field rule of a recipe, in one place; each error names its key. A value's own type,
 range and choices are the builder's (build.py); what only the data or the world size reveal is
-checked where they are known."""
+checked where they are known. The models trust a config that passed these checks."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,11 @@ def validate(cfg: Config) -> None:
     validate_run(cfg)
     if cfg.task == "clip":
         validate_clip_loss(cfg)
+        validate_clip_model(cfg)
     if cfg.task in ("classify", "cbmf"):
         validate_modalities(cfg)
+    if cfg.task == "cbmf":
+        validate_dfe(cfg)
     validate_image_sizes(cfg)
     validate_tower_controls(cfg)
 
@@ -59,14 +62,41 @@ def validate_clip_loss(cfg: Config) -> None:
                           "a bias; remove it or set loss.name=siglip")
 
 
+def validate_clip_model(cfg: Config) -> None:
+    """The shared-block fusion reads token outputs and splits its width over its heads."""
+    fusion, m = cfg.model.fusion, cfg.model
+    if fusion.type != "shared_block":
+        return
+    if m.image.source != "timm" or m.text.source != "hf":
+        raise ConfigError("model.fusion.type: shared_block needs token outputs (timm image, hf text towers)")
+    if fusion.width and fusion.width % fusion.num_heads:
+        raise ConfigError(f"model.fusion.num_heads: {fusion.num_heads} does not divide model.fusion.width "
+                          f"{fusion.width}")
+
+
+def validate_dfe(cfg: Config) -> None:
+    """CBMF's Deep Fusion Encoder: its heads divide its width, token features need towers that have them."""
+    d = cfg.model.dfe
+    if d.width % d.num_heads:
+        raise ConfigError(f"model.dfe.num_heads: {d.num_heads} does not divide model.dfe.width {d.width}")
+    if d.features == "tokens":
+        for i, m in enumerate(cfg.model.modalities):
+            if m.tower.source == "open_clip":
+                raise ConfigError(f"model.dfe.features: tokens needs a tower with token outputs (timm, hf, "
+                                  f"efficientnet_lite); model.modalities.{i} (open_clip) has none")
+
+
 def validate_tower_controls(cfg: Config) -> None:
-    """Patch dropout and activation checkpointing exist for the towers that have them."""
+    """Patch dropout and activation checkpointing exist for the towers that have them; an hf text
+    tower's config changes need a random init."""
     for _, key, tower in towers(cfg.model):
         if isinstance(tower, ImageTowerConfig):
             if tower.source == "efficientnet_lite" and (tower.patch_dropout or tower.grad_checkpointing):
                 what = "patch_dropout" if tower.patch_dropout else "grad_checkpointing"
                 raise ConfigError(f"model.{key}.{what}: not available for efficientnet_lite towers (timm and "
                                   "open_clip towers have it)")
+        elif tower.source == "hf" and tower.pretrained and tower.config_overrides:
+            raise ConfigError(f"model.{key}.config_overrides: only allowed with pretrained: false")
 
 
 def _tower_sizes(tower: ImageTowerConfig) -> list[tuple[str, Any]]:
