@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import PY, ROOT
-from mmscale.config import ConfigError, load_config, save_config
+from mmscale.config import ConfigError, OptimConfig, load_config, save_config
 from mmscale.engine.backend import check_world
 
 RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".yaml"))
@@ -156,7 +156,7 @@ def test_the_siglip_recipe_and_the_loss_checks():
         load_config(tiny, ["loss.exchange=shift"])
 
 
-# ---------------------------------------------------------------- the schema's metadata and the builder
+# ---------------------------------------------------------------- the schema's metadata, the builder, --explain
 
 def _schema_classes():
     import inspect
@@ -232,3 +232,37 @@ def test_model_side_checks_fail_at_load_time():
         load_config(tiny, ["model.fusion.type=shared_block", "model.fusion.width=100"])
     with pytest.raises(ConfigError, match=r"^model\.text\.config_overrides: only allowed with pretrained: false$"):
         load_config(tiny, ["model.text.pretrained=true"])
+
+
+def test_explain_a_key_a_section_the_task_variants_and_an_unknown_key(capsys):
+    from mmscale.train import main
+    assert main(["--explain", "model.image.patch_dropout"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model.image.patch_dropout: float = 0.0, in [0, 1)  [task clip]") and "FLIP" in out
+    assert main(["--explain", "model.modalities.1.tower.unlocked_layers"]) == 0  # any index
+    assert "model.modalities.<i>.tower.unlocked_layers: int = -1, >= -1  [task classify, kind text]" in \
+        capsys.readouterr().out
+    assert main(["--explain", "optim"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"optim.{f.name}:" in out for f in dataclasses.fields(OptimConfig)) and "optim.plateau.factor:" in out
+    assert main(["--explain", "model"]) == 0  # every task's model
+    out = capsys.readouterr().out
+    assert all(f"model: mapping  [task {t}]" in out for t in ("clip", "classify", "cbmf"))
+    assert main([os.path.join(ROOT, "recipes", "cbmf_tiny.yaml"), "--explain", "model"]) == 0  # the recipe's task
+    out = capsys.readouterr().out
+    assert "model.dfe.num_heads: int = 4, >= 1  [task cbmf]" in out and "task clip" not in out
+    assert main(["--explain", "model.dfe", "--task", "clip"]) == 2
+    assert capsys.readouterr().err == "mmscale: config error: model.dfe: not a key of task clip (task cbmf has it)\n"
+    assert main(["--explain", "optim.plateu.factor"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.plateu.factor: unknown key (did you mean optim.plateau.factor" in err
+
+
+def test_explain_lists_every_key_and_docs_config_md_is_current(capsys):
+    from mmscale.config.doc import keys, markdown
+    from mmscale.train import main
+    assert main(["--explain"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{k.key}: {k.type}" in "\n" + out for k in keys()) and len(keys()) > 180
+    with open(os.path.join(ROOT, "docs", "CONFIG.md")) as fh:
+        assert fh.read() == markdown(), "docs/CONFIG.md is stale: python -m mmscale.config.doc > docs/CONFIG.md"
