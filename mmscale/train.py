@@ -10,6 +10,10 @@ Rerunning the same command resumes from checkpoints/latest, on any number of ran
 complete one; train.on_checkpoint_error=continue trains on instead); 75 stopped by SIGTERM/SIGUSR1
 at a checkpoint. No intact checkpoint to resume from is exit 2 (the line says how to start
 over). After 1, 69, 74 or 75, rerun to continue.
+
+`mmscale-train --explain [KEY]` lists the recipe keys (type, default, range, help; docs/CONFIG.md
+has the same tables), or only KEY and what is under it (e.g. model.image.patch_dropout, optim);
+model and loss keys are listed per task (--task, or a RECIPE's task, shows one).
 """
 from __future__ import annotations
 
@@ -22,10 +26,16 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmscale-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/cmla.yaml (schema: mmscale/config.py)")
+    parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/cmla.yaml (keys: docs/CONFIG.md, --explain)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=3e-4 (default: none, the recipe as written)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="this process's rank on its node; set by the deepspeed launcher (default: none, then LOCAL_RANK from the environment)")
+    parser.add_argument("--explain", nargs="?", const="", metavar="KEY", help="print every recipe key, or KEY and the keys under it, with type, default, range and help, and exit (default: off, train)")
+    parser.add_argument("--task", choices=["clip", "classify", "cbmf"], help="with --explain: only this task's model and loss keys (default: the recipe's task with a recipe, else every task's)")
     args = parser.parse_args(argv)
+    if args.explain is not None:
+        return explain(args)
+    if args.recipe is None:
+        parser.error("the following arguments are required: recipe")
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
@@ -55,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
     if results.get("preempted"):
         return PREEMPTED_EXIT
+    return 0
+
+
+def explain(args) -> int:
+    """--explain: the keys asked for, for the task asked for; an unknown key is one line, exit 2."""
+    from mmscale.config import ConfigError, parse_overrides, read_recipe
+    from mmscale.config.doc import explain as explain_keys
+    try:
+        task = args.task
+        if task is None and args.recipe:
+            task = dict(parse_overrides(args.overrides)).get("task", read_recipe(args.recipe).get("task", "clip"))
+        text = explain_keys(args.explain or None, task)
+    except ConfigError as e:
+        print(f"mmscale: config error: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
     return 0
 
 

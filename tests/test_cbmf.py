@@ -144,8 +144,13 @@ def test_projection_and_context_options():
 
 
 def test_dfe_and_model_config_errors():
-    with pytest.raises(ConfigError, match="model.dfe.num_heads"):
-        DeepFusionEncoder(10, "add", num_heads=4)
+    # found when the recipe is loaded, before any process group or model starts: one line naming the key
+    with pytest.raises(ConfigError, match=r"^model\.dfe\.num_heads: 4 does not divide model\.dfe\.width 10$") as e:
+        load_config(TINY, ["model.dfe.width=10"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"model.dfe.features: tokens needs a tower with token outputs .*"
+                                          r"model.modalities.0 \(open_clip\)"):
+        load_config(TINY, ["model.dfe.features=tokens", "model.modalities.0.tower={source: open_clip, name: x}"])
     with pytest.raises(ConfigError, match="exactly two"):
         load_config(TINY, ["model.modalities=[{name: a, kind: text}]"])
     with pytest.raises(ConfigError, match=r"model.modalities.0.kind: cbmf needs image or text"):

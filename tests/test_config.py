@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from conftest import PY, ROOT
-from mmscale.config import ConfigError, check_world, load_config, save_config
+from mmscale.config import ConfigError, OptimConfig, load_config, save_config
+from mmscale.engine.backend import check_world
 
 RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".yaml"))
 
@@ -153,3 +154,115 @@ def test_the_siglip_recipe_and_the_loss_checks():
         load_config(tiny, ["loss.tile=-1"])
     with pytest.raises(ConfigError, match=r"loss.exchange"):
         load_config(tiny, ["loss.exchange=shift"])
+
+
+# ---------------------------------------------------------------- the schema's metadata, the builder, --explain
+
+def _schema_classes():
+    import inspect
+    from mmscale.config import schema
+    return [c for _, c in inspect.getmembers(schema, inspect.isclass)
+            if dataclasses.is_dataclass(c) and c.__module__ == schema.__name__]
+
+
+def test_every_field_has_help_and_its_default_is_in_range():
+    from mmscale.config.fields import Range, check_limits
+    classes = _schema_classes()
+    assert len(classes) >= 20
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help", "").strip(), f"{cls.__name__}.{f.name} has no help"
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            check_limits(f, default, f"{cls.__name__}.{f.name}")
+    r = Range.parse("[0, 1)")
+    assert 0 in r and 0.5 in r and 1 not in r and -0.1 not in r and str(r) == "in [0, 1)"
+    r = Range.parse("(0, 1]")
+    assert 0 not in r and 1 in r and str(r) == "in (0, 1]"
+    assert 10 in Range.parse(">= 10") and 9 not in Range.parse(">= 10") and 0 not in Range.parse("> 0")
+    with pytest.raises(ValueError):
+        Range.parse("0..1")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.image.patch_dropout=1.0", r"model\.image\.patch_dropout: must be in \[0, 1\), got 1\.0$"),
+    ("train.zero_stage=5", r"train\.zero_stage: 5 is not one of 0, 1, 2, 3$"),
+    ("optim.plateau.factor=1", r"optim\.plateau\.factor: must be in \(0, 1\), got 1\.0$"),
+    ("train.dist_timeout_s=5", r"train\.dist_timeout_s: must be >= 10, got 5$"),
+    ("model.temperature=0", r"model\.temperature: must be > 0, got 0\.0$"),
+])
+def test_ranges_are_enforced_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), [override])
+
+
+def test_a_range_inside_a_list_names_the_item():
+    with pytest.raises(ConfigError, match=r"^model\.modalities\.0\.tower\.image_size: must be >= 1, got 0$"):
+        load_config(os.path.join(ROOT, "recipes", "cbmf_tiny.yaml"), ["model.modalities.0.tower.image_size=0"])
+
+
+def test_a_union_tries_each_member_and_says_why_each_refused():
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    assert load_config(tiny, ["model.image.pretrained=true"], check_files=False).model.image.pretrained is True
+    assert load_config(tiny, ["model.image.pretrained=laion2b"]).model.image.pretrained == "laion2b"
+    with pytest.raises(ConfigError, match=r"^model\.image\.pretrained: 3 matches none of bool, str \(bool: expected "
+                                          r"true/false, got 3; str: expected a string, got 3\)$"):
+        load_config(tiny, ["model.image.pretrained=3"])
+    with pytest.raises(ConfigError, match=r"^model\.logit_bias: 'high' matches none of float, null \(float: expected "
+                                          r"a number, got 'high'; null: not null\)$"):
+        load_config(tiny, ["model.logit_bias=high", "loss.name=siglip"])
+    from typing import Union
+    from mmscale.config import build
+
+    @dataclasses.dataclass
+    class Two:
+        x: Union[int, list[int]] = 0
+
+    assert build(Two, {"x": 3}).x == 3 and build(Two, {"x": [1, 2]}).x == [1, 2]
+    with pytest.raises(ConfigError, match=r"^x: \[1, 'a'\] matches none of int, list of ints \(int: expected an "
+                                          r"integer, got \[1, 'a'\]; list of ints: x\.1: expected an integer, got 'a'\)$"):
+        build(Two, {"x": [1, "a"]})
+
+
+def test_model_side_checks_fail_at_load_time():
+    """What the models used to find when they were built (after the process group started)."""
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"^model\.fusion\.type: shared_block needs token outputs"):
+        load_config(tiny, ["model.fusion.type=shared_block", "model.text.source=open_clip"])
+    with pytest.raises(ConfigError, match=r"^model\.fusion\.num_heads: 8 does not divide model\.fusion\.width 100$"):
+        load_config(tiny, ["model.fusion.type=shared_block", "model.fusion.width=100"])
+    with pytest.raises(ConfigError, match=r"^model\.text\.config_overrides: only allowed with pretrained: false$"):
+        load_config(tiny, ["model.text.pretrained=true"])
+
+
+def test_explain_a_key_a_section_the_task_variants_and_an_unknown_key(capsys):
+    from mmscale.train import main
+    assert main(["--explain", "model.image.patch_dropout"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model.image.patch_dropout: float = 0.0, in [0, 1)  [task clip]") and "FLIP" in out
+    assert main(["--explain", "model.modalities.1.tower.unlocked_layers"]) == 0  # any index
+    assert "model.modalities.<i>.tower.unlocked_layers: int = -1, >= -1  [task classify, kind text]" in \
+        capsys.readouterr().out
+    assert main(["--explain", "optim"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"optim.{f.name}:" in out for f in dataclasses.fields(OptimConfig)) and "optim.plateau.factor:" in out
+    assert main(["--explain", "model"]) == 0  # every task's model
+    out = capsys.readouterr().out
+    assert all(f"model: mapping  [task {t}]" in out for t in ("clip", "classify", "cbmf"))
+    assert main([os.path.join(ROOT, "recipes", "cbmf_tiny.yaml"), "--explain", "model"]) == 0  # the recipe's task
+    out = capsys.readouterr().out
+    assert "model.dfe.num_heads: int = 4, >= 1  [task cbmf]" in out and "task clip" not in out
+    assert main(["--explain", "model.dfe", "--task", "clip"]) == 2
+    assert capsys.readouterr().err == "mmscale: config error: model.dfe: not a key of task clip (task cbmf has it)\n"
+    assert main(["--explain", "optim.plateu.factor"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.plateu.factor: unknown key (did you mean optim.plateau.factor" in err
+
+
+def test_explain_lists_every_key_and_docs_config_md_is_current(capsys):
+    from mmscale.config.doc import keys, markdown
+    from mmscale.train import main
+    assert main(["--explain"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{k.key}: {k.type}" in "\n" + out for k in keys()) and len(keys()) > 180
+    with open(os.path.join(ROOT, "docs", "CONFIG.md")) as fh:
+        assert fh.read() == markdown(), "docs/CONFIG.md is stale: python -m mmscale.config.doc > docs/CONFIG.md"

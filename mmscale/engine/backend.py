@@ -1,9 +1,21 @@
-"""DeepSpeed from a recipe: the config dict and the engine around a model."""
+"""DeepSpeed from a recipe: the batch per rank, the config dict and the engine around a model."""
 from __future__ import annotations
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
+
+
+def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
+    """Local batch per rank and gradient-cache chunk; raises if they do not divide."""
+    t = cfg.train
+    if t.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by {world_size} ranks")
+    local = t.global_batch_size // world_size
+    chunk = t.grad_cache_chunk or local
+    if local % chunk:
+        raise ConfigError(f"train.grad_cache_chunk: {chunk} does not divide the per-rank batch {local}")
+    return local, chunk
 
 
 def deepspeed_config(cfg: Config, local_batch: int, load_universal: bool = False) -> dict:

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from ..config import Config, check_world, save_config
+from ..config import Config, save_config
+from .backend import check_world
 from ..data.stream import to_device
 from ..dist import barrier, current_device, init_distributed, rank_and_world
 from ..export import save_export

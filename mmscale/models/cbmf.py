@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CBMFModelConfig, ConfigError
+from ..config import CBMFModelConfig, DFEConfig
 from .layers import LogitScale, masked_mean, mlp
 from .towers import Tower, build_tower
 
-DFE_FUSIONS = ("add", "multiply", "concat", "attention_additive", "attention_dot", "none")
+DFE_FUSIONS = typing.get_args(typing.get_type_hints(DFEConfig)["fusion"])
 MEMO_BYTES = 1 << 30  # cap of the frozen towers' memo (evaluation inputs seen again)
 
 
@@ -39,17 +40,12 @@ class DeepFusionEncoder(nn.Module):
     and the sequence goes on; with "pooled" the one token a goes on alone. Then
     x + Block(LayerNorm(x)) with one transformer encoder block (feed-forward ff_dim, dropout), and
     the masked mean over tokens. fusion "none" is no DFE at all: the masked mean of e (heads only).
+    The arguments are model.dfe's, checked when the recipe is loaded (config/validate.py).
     """
 
     def __init__(self, width: int, fusion: str = "add", num_heads: int = 4, attention_output: str = "sequence",
                  ff_dim: int = 0, dropout: float = 0.0):
         super().__init__()
-        if fusion not in DFE_FUSIONS:
-            raise ConfigError(f"model.dfe.fusion: {fusion!r} is not one of {list(DFE_FUSIONS)}")
-        if width % num_heads:
-            raise ConfigError(f"model.dfe.num_heads: {num_heads} does not divide model.dfe.width {width}")
-        if attention_output not in ("sequence", "pooled"):
-            raise ConfigError(f"model.dfe.attention_output: {attention_output!r} is not sequence or pooled")
         self.width, self.fusion, self.attention_output = width, fusion, attention_output
         if fusion == "none":
             return
@@ -98,11 +94,9 @@ def projection(width_in: int, cfg) -> nn.Module:
     LayerNorm (the authors' ProjectionHead, b-faye/lightweightCRL, baseline.py)."""
     if cfg.projection == "relu":
         return mlp(width_in, [cfg.projection_hidden], cfg.width)
-    if cfg.projection == "gelu_ln":
-        return nn.Sequential(nn.Linear(width_in, cfg.projection_hidden), nn.GELU(),
-                             nn.Linear(cfg.projection_hidden, cfg.width), nn.Dropout(cfg.dropout),
-                             nn.LayerNorm(cfg.width))
-    raise ConfigError(f"model.dfe.projection: {cfg.projection!r} is not relu or gelu_ln")
+    return nn.Sequential(nn.Linear(width_in, cfg.projection_hidden), nn.GELU(),
+                         nn.Linear(cfg.projection_hidden, cfg.width), nn.Dropout(cfg.dropout),
+                         nn.LayerNorm(cfg.width))
 
 
 class ContextMLP(nn.Module):
@@ -130,38 +124,27 @@ class CBMF(nn.Module):
     encode_text run the towers live, so evaluation works on this model unchanged. The frozen
     towers' outputs for inputs seen before (the same evaluation images and prompts at every
     evaluation) come from a memo keyed by the inputs' bytes, so an evaluation runs each tower
-    once per run; the memo is emptied whenever weights are loaded.
+    once per run; the memo is emptied whenever weights are loaded. The config is trusted: two
+    image/text modalities, towers with token outputs for features "tokens" (config/validate.py).
     """
 
     def __init__(self, cfg: CBMFModelConfig):
         super().__init__()
         self.cfg = cfg
         mods, d = cfg.modalities, cfg.dfe
-        if len(mods) != 2:
-            raise ConfigError(f"model.modalities: cbmf aligns exactly two frozen towers, got {len(mods)}")
         self.names = [m.name for m in mods]
         self.kinds = {m.name: m.kind for m in mods}
         self.features = d.features
-        towers = {}
-        for i, m in enumerate(mods):
-            if m.kind not in ("image", "text"):
-                raise ConfigError(f"model.modalities.{i}.kind: cbmf needs image or text towers, not {m.kind}")
-            tower = build_tower(m.tower, frozen=True)
-            if d.features == "tokens" and not hasattr(tower, "forward_tokens"):
-                raise ConfigError(f"model.dfe.features: tokens needs a tower with token outputs (timm, hf, "
-                                  f"efficientnet_lite); model.modalities.{i} has none")
-            towers[m.name] = tower
+        towers = {m.name: build_tower(m.tower, frozen=True) for m in mods}
         self.towers = nn.ModuleDict(towers)
         self.proj = nn.ModuleDict({n: projection(t.width, d) for n, t in towers.items()})
         if d.context == "mlp":
             self.context = ContextMLP(2, d.context_input_dim, d.width)
-        elif d.context == "embedding":
+        else:  # embedding
             self.context = nn.Embedding(2, d.width)
             # small, like BERT's embeddings: a N(0, 1) context would swamp the projected features
             # under add fusion and start every sample at the same embedding
             nn.init.normal_(self.context.weight, std=0.02)
-        else:
-            raise ConfigError(f"model.dfe.context: {d.context!r} is not embedding or mlp")
         self.dfe = DeepFusionEncoder(d.width, d.fusion, d.num_heads, d.attention_output, d.ff_dim, d.dropout)
         self.logit_scale = LogitScale(cfg.temperature, learnable=True)
         self._memo, self._memo_bytes = {}, 0

@@ -49,9 +49,7 @@ class DualEncoder(nn.Module):
 
         iw, tw = self.image_tower.width, self.text_tower.width
         self.fusion = None
-        if cfg.fusion.type == "shared_block":
-            if ic.source != "timm" or tc.source != "hf":
-                raise ConfigError("model.fusion.type: shared_block needs token outputs (timm image, hf text towers)")
+        if cfg.fusion.type == "shared_block":  # timm and hf towers (config/validate.py)
             width = cfg.fusion.width or iw
             self.fusion = SharedBlockFusion(iw, tw, width, cfg.fusion.num_heads)
             iw = tw = width

@@ -257,17 +257,13 @@ class HFTextTower(Tower):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         path = resolve_text_path(name)
         try:
-            if pretrained:
-                if overrides:
-                    raise ConfigError("model.text.config_overrides: only allowed with pretrained: false")
+            if pretrained:  # config_overrides only with a random init (config/validate.py)
                 self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
             else:
                 config = AutoConfig.from_pretrained(path, **overrides)
                 self.model = AutoModel.from_config(config, add_pooling_layer=False)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
             raise ConfigError(f"model.text.name: cannot load {name!r}: {str(e).splitlines()[0]}") from None
         self.width = self.model.config.hidden_size
 

@@ -27,7 +27,7 @@ class ClassifyTask(Task):
     baseline); one modality with unimodal_weight 0 is the unimodal baseline. The options named
     after the authors' code (loss.m3co_mix, m3co_draws, m3co_mix_prob, contrastive_pairs,
     multisoftclip_reverse, multisoftclip_tau, unis_mmc_logits) are documented in mmscale/losses.py
-    and mmscale/config.py; their defaults are the papers' equations. With UniS-MMC the loss also
+    and mmscale/config/schema.py; their defaults are the papers' equations. With UniS-MMC the loss also
     reports the shares of positive, semi-positive and negative pairs (pairs_positive, ...).
 
     Mixing partners (M3Co, mixup) are drawn over the global batch, the same permutation on every
