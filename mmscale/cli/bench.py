@@ -5,19 +5,20 @@
     torchrun --nproc_per_node 8 -m mmscale.cli.bench recipes/cmla.yaml --synthetic   # 8 GPUs
 
 Runs W warm-up and N timed steps of the recipe's own step (the trainer's train_step: the task's
-forward and loss, the gradient cache when train.grad_cache_chunk is set, DeepSpeed's optimizer
-step) on the current device, then a few more with a timer at every phase boundary. Reports
-samples/s, the time split (data wait, forward or no-grad embed, loss, backward or re-forward +
-backward, optimizer; communication is measured inside those by the profiler), peak memory (CUDA
-max allocated, or the process's peak RSS on CPU), FLOP per sample (torch.utils.flop_counter on
-one forward + backward of the model) and MFU where the device's peak is known, the attention
-kernels the towers use, and host syncs per step: reads of device values (Tensor.item, bool,
-float, int, tolist, numpy), split into those of mmscale's loop and of DeepSpeed. --vs-open-clip
-MODEL puts open_clip's MODEL towers into the recipe (no heads, learnt temperature: CLIP) and also
-runs open_clip's own trainer (open_clip_train.main, synthetic data) on the same model, batch and
-precision, in the same invocation, and prints mmscale / open_clip; then it alternates mmscale's step
-with open_clip's model, ClipLoss and fused AdamW in a bare torch loop, step by step in this process
-(both see the same load: the steadier ratio on a shared machine). Writes everything as JSON.
+forward and loss, the gradient cache when train.grad_cache_chunk is set, DeepSpeed's optimizer step)
+on the current device, then a few more under torch.profiler, timed phase by phase by the step's
+`mmscale/<phase>` ranges. Reports samples/s, the time split (data wait, forward or no-grad embed,
+loss, backward or re-forward + backward, optimizer; communication is measured inside those by the
+profiler), peak memory (CUDA max allocated, or the process's peak RSS on CPU), FLOP per sample
+(torch.utils.flop_counter on one forward + backward of the model) and MFU where the device's peak is
+known, the attention kernels the towers use, and host syncs per step: reads of device values
+(Tensor.item, bool, float, int, tolist, numpy), split into those of mmscale's loop and of DeepSpeed.
+--vs-open-clip MODEL puts open_clip's MODEL towers into the recipe (no heads, learnt temperature:
+CLIP) and also runs open_clip's own trainer (open_clip_train.main, synthetic data) on the same
+model, batch and precision, in the same invocation, and prints mmscale / open_clip; then it
+alternates mmscale's step with open_clip's model, ClipLoss and fused AdamW in a bare torch loop,
+step by step in this process (both see the same load: the steadier ratio on a shared machine).
+Writes everything as JSON.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from collections import defaultdict
 PEAK_TFLOPS = {("H100", "bf16"): 989.0, ("H200", "bf16"): 989.0, ("A100", "bf16"): 312.0,
                ("H100", "fp32"): 67.0, ("H200", "fp32"): 67.0, ("A100", "fp32"): 19.5}
 PACKAGES = ("mmscale", "deepspeed", "transformers", "timm", "open_clip", "torch")
+PHASE = "mmscale/"  # the step's profiler ranges: mmscale/forward, mmscale/embed, ...
 COMM = re.compile(r"all_reduce|allreduce|all_gather|allgather|reduce_scatter|broadcast|gloo|nccl", re.IGNORECASE)
 
 
@@ -47,26 +49,27 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PhaseTimer:
-    """Wall time per phase, the device synchronised at every boundary (so a phase's time is its
-    own); the trainer's step calls it as `with timer(phase):`."""
-
-    def __init__(self, device):
-        self.device, self.seconds, self.calls = device, defaultdict(float), defaultdict(int)
-
-    def __call__(self, phase: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                synchronize(timer.device)
-                self.tic = time.perf_counter()
-
-            def __exit__(self, *exc):
-                synchronize(timer.device)
-                timer.seconds[phase] += time.perf_counter() - self.tic
-                timer.calls[phase] += 1
-        return _Phase()
+def profiled_phases(run, device) -> tuple[dict, float]:
+    """Runs run() under torch.profiler; returns the seconds of each of the step's phases (the
+    `mmscale/<phase>` ranges of engine/step.py and gradcache.py, in the order they first ran) and
+    of communication, summed over the run.
+    A phase's time is the longer of its range on the host and, on CUDA, the span of its device
+    work (the profiler's GPU annotation of the range: first kernel's start to last one's end),
+    since there the host only queues the work. On the CPU the work runs inside the range."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+    with profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    host, on_device = defaultdict(float), defaultdict(float)
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if e.name.startswith(PHASE):
+            span = (e.time_range.end - e.time_range.start) / 1e6
+            (host if e.device_type == DeviceType.CPU else on_device)[e.name[len(PHASE):]] += span
+    comm = sum((e.device_time_total if device.type == "cuda" else e.cpu_time_total)
+               for e in prof.key_averages() if COMM.search(e.key)) / 1e6
+    return {k: max(v, on_device.get(k, 0.0)) for k, v in host.items()}, comm
 
 
 class SyncCounter:
@@ -359,17 +362,11 @@ def main(argv=None) -> int:
 
     split = {"data_wait": data_wait / args.steps}
     if args.split_steps:
-        timer = PhaseTimer(device)
-        trainer.step_fn.timer = timer
-        from torch.profiler import ProfilerActivity, profile
-        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
-        with profile(activities=activities) as prof:
+        def split_steps():
             for _ in range(args.split_steps):
                 trainer.train_step(next_batch())
-            sync()
-        comm = sum((e.device_time_total if device.type == "cuda" else e.cpu_time_total)
-                   for e in prof.key_averages() if COMM.search(e.key)) / 1e6
-        split = {**{k: v / args.split_steps for k, v in timer.seconds.items()}, **split,
+        phases, comm = profiled_phases(split_steps, device)
+        split = {**{k: v / args.split_steps for k, v in phases.items()}, **split,
                  "communication (inside the above)": comm / args.split_steps}
 
     t = cfg.train
