@@ -58,3 +58,23 @@ def test_bench_against_open_clips_trainer(tmp_path):
     assert bare["ratio"] == pytest.approx(bare["mmscale_samples_per_s"] / bare["bare_samples_per_s"])
     assert head.endswith("| open_clip trainer samples/s | mmscale / open_clip | mmscale / bare open_clip loop, interleaved |")
     assert row.endswith(f"| {r['open_clip']['samples_per_s']:.3f} | {r['vs_open_clip']:.2f} | {bare['ratio']:.2f} |")
+
+
+def test_the_read_count_is_of_reads_on_the_steps_device():
+    """A read counts when its tensor is on the step's device, filed under the package whose code
+    reads: on CUDA a CPU tensor's value is the host's own (not counted); on a CPU run every read is."""
+    import torch
+    from mmscale.cli.bench import SyncCounter
+    mmscale_code = {"__name__": "mmscale.engine.fake"}  # a function whose module is mmscale's
+    exec("def read(t):\n    return t.item()\n", mmscale_code)
+    t = torch.ones(())
+    with SyncCounter(torch.device("cpu")) as on_cpu:
+        mmscale_code["read"](t)
+        bool(t)  # this test's own read: no known package
+        t.tolist()
+    with SyncCounter(torch.device("cuda")) as on_cuda:
+        mmscale_code["read"](t)
+        bool(t)
+    assert on_cpu.counts == {"mmscale": 1, "other": 2} and not on_cuda.counts
+    mmscale_code["read"](t)  # the wrappers came off when the block ended
+    assert on_cpu.counts == {"mmscale": 1, "other": 2}

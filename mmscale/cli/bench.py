@@ -73,16 +73,20 @@ def profiled_phases(run, device) -> tuple[dict, float]:
 
 
 class SyncCounter:
-    """Counts reads of tensor values on the host (what waits for a GPU), by the package whose code
+    """Counts reads of tensor values on the host (Tensor.item, bool, ...) by the package whose code
     reads: the innermost caller outside torch itself (mmscale, deepspeed, transformers, timm, ...),
-    told by the calling frame's module name.
-    Tensors marked `_mmscale_host` hold host values by design (the stop flag's CPU all-reduce) and
-    are not counted. On CPU every read counts, also of values that a GPU run keeps on the host
-    (e.g. torch's single-tensor Adam reads each parameter's step count; CUDA's fused Adam does not)."""
+    told by the calling frame's module name. Only reads of tensors on the step's device count,
+    decided by the tensor's own device: on CUDA those are the reads that wait for the GPU, and a
+    CPU tensor holds the host's own value (the stop flag's gloo all-reduce, step counts), not
+    counted. On a CPU run the device is the host and nothing waits: every read counts, standing
+    for the reads a GPU run would wait on, and so do those of values a GPU run keeps on the host
+    (torch's single-tensor Adam reads each parameter's step count, CUDA's fused Adam does not;
+    under a launcher, the stop flag's read, one per step, filed under mmscale)."""
 
     METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy")
 
-    def __init__(self):
+    def __init__(self, device):
+        self.device_type = device.type
         self.counts = defaultdict(int)
         self.saved = {}
 
@@ -103,7 +107,7 @@ class SyncCounter:
         counter = self
 
         def read(tensor, *args, **kwargs):
-            if not getattr(tensor, "_mmscale_host", False):
+            if tensor.device.type == counter.device_type:
                 frame, who = sys._getframe(1), "other"
                 while frame is not None:
                     # by the module that runs, not its file's path: a checkout or venv under a
@@ -349,7 +353,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data_wait = 0.0
-    with SyncCounter() as syncs:
+    with SyncCounter(device) as syncs:
         tic = time.perf_counter()
         for _ in range(args.steps):
             t0 = time.perf_counter()
