@@ -321,7 +321,6 @@ class HostFlag:
             work.wait()
             seen = int(t.item())  # a CPU tensor: the host's own value, no device wait
         t = torch.tensor([int(value)])
-        t._mmscale_host = True  # mmscale-bench's read count: a host value, not a device wait
         self.pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), t)
         return seen
 

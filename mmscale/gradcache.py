@@ -16,10 +16,10 @@ their cached gradient is pushed through once, with the kept chunk.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable
 
 import torch
+from torch.profiler import record_function
 
 
 class RngState:
@@ -40,24 +40,20 @@ def split_batch(batch: dict, chunk: int) -> list[dict]:
     return [{k: v[i:i + chunk] for k, v in batch.items()} for i in range(0, n, chunk)]
 
 
-def _no_timer(phase: str):
-    return contextlib.nullcontext()
-
-
 def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], tuple],
                     batch: dict, chunk: int, backward: Callable[[torch.Tensor, bool], None],
-                    shared: Iterable[str] = (), timer=_no_timer) -> tuple[torch.Tensor, dict]:
+                    shared: Iterable[str] = ()) -> tuple[torch.Tensor, dict]:
     """One gradient-cached forward/backward; the caller steps the optimizer.
 
     forward(chunk_batch) -> dict of outputs; loss_fn(outputs) -> (loss, metrics) with no
     parameters of its own; backward(surrogate, is_last_backward) runs the engine's backward.
-    timer(phase) is a context manager around the three phases (embed, loss, reforward_backward).
+    The three phases are profiler ranges: mmscale/embed, mmscale/loss, mmscale/reforward_backward.
     """
     shared = set(shared)
     chunks = split_batch(batch, chunk)
     last = len(chunks) - 1
     states, outs = [], []
-    with timer("embed"):
+    with record_function("mmscale/embed"):
         with torch.no_grad():
             for c in chunks[:last]:
                 states.append(RngState())
@@ -65,7 +61,7 @@ def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], t
         kept = forward(chunks[last])  # with autograd: this chunk is not run again
         outs.append({k: v.detach() for k, v in kept.items()})
 
-    with timer("loss"):
+    with record_function("mmscale/loss"):
         leaves = {}
         for k in outs[0]:
             v = outs[0][k] if k in shared else torch.cat([o[k] for o in outs])
@@ -75,7 +71,7 @@ def grad_cache_step(forward: Callable[[dict], dict], loss_fn: Callable[[dict], t
         cached = {k: v.grad if v.is_floating_point() else None for k, v in leaves.items()}
         del outs, leaves
 
-    with timer("reforward_backward"):
+    with record_function("mmscale/reforward_backward"):
         rows = [slice(i * chunk, i * chunk + len(next(iter(c.values())))) for i, c in enumerate(chunks)]
         # the kept chunk first, so its activations are gone before any re-forward
         backward(_surrogate(kept, cached, rows[last], shared, with_shared=True), last == 0)

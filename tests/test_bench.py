@@ -29,6 +29,9 @@ def test_bench_measures_the_gradient_cached_step(tmp_path):
               "data.type=synthetic", "data.num_samples=80", "loss.tile=24")
     assert r["grad_cache_chunk"] == 16 and r["global_batch"] == 64 and r["samples_per_s"] > 0
     assert {"embed", "loss", "reforward_backward", "optimizer", "data_wait"} <= set(r["split_s"])
+    # the phases are the step's profiler ranges (mmscale/<phase>), in the order they ran
+    assert list(r["split_s"])[:4] == ["embed", "loss", "reforward_backward", "optimizer"]
+    assert all(r["split_s"][k] > 0 for k in ("embed", "loss", "reforward_backward", "optimizer"))
     assert r["peak_memory_gb"] > 0.1 and r["memory_kind"] == "process peak RSS"
     assert 0.1 < r["memory_before_steps_gb"] <= r["peak_memory_gb"]
     f = r["flop_per_sample"]
@@ -49,6 +52,7 @@ def test_bench_against_open_clips_trainer(tmp_path):
     assert r["open_clip"]["samples_per_s"] > 0 and r["vs_open_clip"] > 0
     assert "open_clip_train.main" in r["open_clip"]["command"] and "--model ViT-S-32-alt" in r["open_clip"]["command"]
     assert r["attention"]["image"] == "torch nn.MultiheadAttention (SDPA inside)"
+    assert list(r["split_s"])[:4] == ["forward", "loss", "backward", "optimizer"]  # no gradient cache
     # --table puts the ratio in the row
     (tmp_path / "bench.json").write_text(json.dumps(r))
     t = subprocess.run([BENCH, "--table", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=120)
@@ -58,3 +62,23 @@ def test_bench_against_open_clips_trainer(tmp_path):
     assert bare["ratio"] == pytest.approx(bare["mmscale_samples_per_s"] / bare["bare_samples_per_s"])
     assert head.endswith("| open_clip trainer samples/s | mmscale / open_clip | mmscale / bare open_clip loop, interleaved |")
     assert row.endswith(f"| {r['open_clip']['samples_per_s']:.3f} | {r['vs_open_clip']:.2f} | {bare['ratio']:.2f} |")
+
+
+def test_the_read_count_is_of_reads_on_the_steps_device():
+    """A read counts when its tensor is on the step's device, filed under the package whose code
+    reads: on CUDA a CPU tensor's value is the host's own (not counted); on a CPU run every read is."""
+    import torch
+    from mmscale.cli.bench.instruments import SyncCounter
+    mmscale_code = {"__name__": "mmscale.engine.fake"}  # a function whose module is mmscale's
+    exec("def read(t):\n    return t.item()\n", mmscale_code)
+    t = torch.ones(())
+    with SyncCounter(torch.device("cpu")) as on_cpu:
+        mmscale_code["read"](t)
+        bool(t)  # this test's own read: no known package
+        t.tolist()
+    with SyncCounter(torch.device("cuda")) as on_cuda:
+        mmscale_code["read"](t)
+        bool(t)
+    assert on_cpu.counts == {"mmscale": 1, "other": 2} and not on_cuda.counts
+    mmscale_code["read"](t)  # the wrappers came off when the block ended
+    assert on_cpu.counts == {"mmscale": 1, "other": 2}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python tools/bench.py ...` is `mmscale-bench ...`: see mmscale/cli/bench.py or `mmscale-bench --help`."""
+"""`python tools/bench.py ...` is `mmscale-bench ...`: see mmscale/cli/bench/ or `mmscale-bench --help`."""
 import sys
 
 from mmscale.cli.bench import main

@@ -1,0 +1,71 @@
+"""mmscale-bench's output: the report it prints, the JSON it writes, and the markdown table
+(--table) of earlier results."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def table(results: list[dict]) -> str:
+    """One row per result: the configuration, speed, memory and host reads."""
+    head = ["recipe", "global batch", "chunk", "world", "precision", "ZeRO", "compile", "samples/s", "ms/sample",
+            "peak memory GB", "host reads/step (mmscale / deepspeed / towers)"]
+    rows = []
+    for r in results:
+        syncs = r["host_syncs_per_step"]
+        towers = sum(v for k, v in syncs.items() if k not in ("mmscale", "deepspeed"))
+        rows.append([os.path.basename(r["recipe"]), r["global_batch"], r["grad_cache_chunk"] or "off", r["world"],
+                     r["precision"], r["zero_stage"], "on" if r["compile"] else "off", f"{r['samples_per_s']:.3f}",
+                     f"{1000 / r['samples_per_s']:.1f}", f"{r['peak_memory_gb']:.2f}",
+                     f"{syncs.get('mmscale', 0):g} / {syncs.get('deepspeed', 0):g} / {towers:g}"])
+    if any("open_clip" in r for r in results):  # the ratio the comparison exists for
+        head += ["open_clip trainer samples/s", "mmscale / open_clip", "mmscale / bare open_clip loop, interleaved"]
+        for row, r in zip(rows, results):
+            oc = r.get("open_clip", {}).get("samples_per_s")
+            bare = r.get("vs_bare_open_clip", {}).get("ratio")
+            row += [f"{oc:.3f}" if oc else "-", f"{r['vs_open_clip']:.2f}" if r.get("vs_open_clip") else "-",
+                    f"{bare:.2f}" if bare else "-"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def report(r: dict) -> str:
+    gc = f"gradient cache chunk {r['grad_cache_chunk']}" if r["grad_cache_chunk"] else "no gradient cache"
+    lines = [f"mmscale bench: {r['recipe']} (task {r['task']}), global batch {r['global_batch']}, {gc}, "
+             f"{r['world']} rank(s), {r['precision']}, ZeRO {r['zero_stage']}, compile {'on' if r['compile'] else 'off'}"
+             f"{', synthetic on-device batch' if r['synthetic'] else ''}",
+             f"  device              {r['device']}",
+             f"  samples/s           {r['samples_per_s']:.2f}   (step {r['step_s']:.3f} s, mean of {r['steps']} "
+             f"after {r['warmup']} warm-up)",
+             "  split (s/step)      " + ", ".join(f"{k} {v:.4f}" for k, v in r["split_s"].items()),
+             f"  peak memory         {r['peak_memory_gb']:.2f} GB ({r['memory_kind']})",
+             "  host syncs/step     " + (", ".join(f"{k} {v:.1f}" for k, v in sorted(r["host_syncs_per_step"].items()))
+                                        or "none"),
+             "  attention           " + "; ".join(f"{k}: {v}" for k, v in r["attention"].items())]
+    if "flop_per_sample" in r:
+        f = r["flop_per_sample"]
+        lines.append(f"  FLOP/sample         {f['forward_backward'] / 1e9:.2f} G forward+backward "
+                     f"({f['forward'] / 1e9:.2f} G forward); executed {r['executed_flop_per_sample'] / 1e9:.2f} G")
+        lines.append(f"  MFU                 {r['mfu']:.1%}" if r.get("mfu") is not None else
+                     "  MFU                 n/a (no known peak for this device)")
+    if "open_clip" in r:
+        oc = r["open_clip"]
+        ratio = f"{r['vs_open_clip']:.2f}" if r.get("vs_open_clip") else "n/a"
+        rate = f"{oc['samples_per_s']:.2f}" if oc["samples_per_s"] else "n/a (no step lines in its log)"
+        lines.append(f"  open_clip trainer   {rate} samples/s -> mmscale / open_clip = {ratio}")
+    if "vs_bare_open_clip" in r:
+        b = r["vs_bare_open_clip"]
+        lines.append(f"  interleaved         open_clip's model in a bare torch loop {b['bare_samples_per_s']:.2f} samples/s, "
+                     f"mmscale {b['mmscale_samples_per_s']:.2f}, alternated over {b['steps']} steps in this process "
+                     f"-> mmscale / bare = {b['ratio']:.2f}")
+    lines.append("  versions            " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    return "\n".join(lines)
+
+
+def save(result: dict, recipe: str, path: str | None) -> str:
+    """Writes the result as JSON to path, or to runs/bench/<recipe>-<time>.json; returns where."""
+    from mmscale.files import atomic_write_json
+    path = path or os.path.join("runs", "bench", f"{os.path.splitext(os.path.basename(recipe))[0]}-"
+                                                 f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    atomic_write_json(path, result)
+    return path
