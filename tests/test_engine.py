@@ -342,16 +342,3 @@ def test_export_rebuilds_offline_and_reproduces_eval(tmp_path):
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     metrics = ClipTask(cfg).evaluate(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16)
     assert metrics["zeroshot/top1"] == pytest.approx(results["zeroshot/top1"], abs=0.02)
-
-
-@pytest.mark.slow
-def test_the_final_checkpoint_comes_after_the_final_evaluation(tmp_path):
-    """The last checkpoint carries what the final evaluation changed, as the periodic ones do: the
-    training-loss window it consumed (loss_steps back to 0) and the early-stopping record of it."""
-    run_dir = str(tmp_path / "run")
-    finish(launch(run_dir, "train.steps=3", "train.eval_every=3", "train.checkpoint_every=0",
-                  "train.early_stopping.metric=train/loss", "train.early_stopping.patience=5", ranks=1))
-    state = torch.load(os.path.join(run_dir, "checkpoints", "step00000003", "mp_rank_00_model_states.pt"),
-                       map_location="cpu", weights_only=False)
-    assert state["train"]["loss_steps"] == 0
-    assert state["early_stopping"]["best"]["step"] == 3

@@ -131,3 +131,9 @@ def test_early_stopping_ends_after_patience_and_reports_the_best_evaluation(one_
     assert results == {"step": 8, "best_step": 4, **trainer.early.best["metrics"]} and results["val/loss"] == 2.0
     assert json.load(open(os.path.join(run_dir, "results.json"))) == results
     assert trainer.state.step == 8 and task.val_losses == [9.0]
+    # the final checkpoint carries what the final evaluation changed: the training-loss window it
+    # consumed (back to 0 steps) and the early-stopping record of it
+    state = torch.load(os.path.join(run_dir, "checkpoints", "step00000008", "mp_rank_00_model_states.pt"),
+                       map_location="cpu", weights_only=False)
+    assert state["train"]["loss_steps"] == 0 and state["early_stopping"]["best"]["bad"] == 2
+    assert state["early_stopping"]["best"]["step"] == 4
