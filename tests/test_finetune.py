@@ -79,8 +79,8 @@ def test_classification_metrics_by_hand():
 
 @pytest.mark.parametrize("recipe", ROSMAP_RECIPES)
 def test_rosmap_recipes_parse(recipe):
-    shared_path("rosmap")
-    cfg = load_config(os.path.join(ROOT, "recipes", recipe))
+    # the settings need no data (check_files=False); the files themselves: test_recipes_find_their_data
+    cfg = load_config(os.path.join(ROOT, "recipes", recipe), check_files=False)
     assert cfg.task == "classify" and cfg.data.type == "multiview" and cfg.train.global_batch_size == 245
     assert cfg.model.modalities[0].key == "1"
     # the authors' preprocessing and init in every ROSMAP recipe
@@ -89,6 +89,12 @@ def test_rosmap_recipes_parse(recipe):
         assert (cfg.train.epochs, cfg.optim.weight_decay, cfg.model.classifier.dropout) == (150, 1e-3, 0.5)
     else:  # M3CoL's StepLR at epoch 250
         assert (cfg.train.epochs, cfg.optim.schedule, cfg.optim.step_size) == (500, "step", 250)
+
+
+@pytest.mark.parametrize("recipe", ROSMAP_RECIPES)
+def test_recipes_find_their_data(recipe):
+    shared_path("rosmap")
+    assert load_config(os.path.join(ROOT, "recipes", recipe)).data.root
 
 
 def test_m3col_recipes_paper_and_code():
