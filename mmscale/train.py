@@ -26,7 +26,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmscale-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/cmla.yaml (keys: docs/CONFIG.md, --explain)")
+    parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/cmla.yaml (keys: docs/CONFIG.md, --explain); required to train (default: none; --explain needs none)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.lr=3e-4 (default: none, the recipe as written)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="this process's rank on its node; set by the deepspeed launcher (default: none, then LOCAL_RANK from the environment)")
     parser.add_argument("--explain", nargs="?", const="", metavar="KEY", help="print every recipe key, or KEY and the keys under it, with type, default, range and help, and exit (default: off, train)")
