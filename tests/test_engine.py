@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PY, ROOT, free_port
+from conftest import LONG, PY, ROOT, free_port
 from helpers import (OPEN_CLIP_TOWERS, events, finish, fp32_master, kill_tree, launch, records, step_losses,
                      views_config, write_digit_files, write_digit_shards, write_views)
 from mmscale.engine.schedule import lr_lambda
@@ -91,7 +91,7 @@ DROPOUT = ["model.text.config_overrides.hidden_dropout_prob=0.1",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["imagefolder", "coco"])
+@pytest.mark.parametrize("layout", ["imagefolder", pytest.param("coco", marks=LONG)])
 def test_image_files_resume_exactly_with_dropout_on(layout, tmp_path):
     """The README's exact resume for `imagefolder` and `coco` data, dropout on in the text tower:
     8 steps in one go equal 4 steps and a rerun to 8, step by step and in the final weights."""
@@ -113,7 +113,11 @@ def test_image_files_resume_exactly_with_dropout_on(layout, tmp_path):
 
 
 # tiny.yaml's towers have no dropout: dropout masks are drawn per rank, so 2 ranks != 1 with it
-WORLD_CHANGE = ["optim.schedule=constant", "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false"]
+# Adam's epsilon 1e-6 (not 1e-8): another reduction order leaves ~1e-9 of noise in every gradient,
+# and where the true gradient is ~0 (attention key biases: softmax ignores a shift shared by a row)
+# Adam at 1e-8 turns that noise into lr-sized steps of either sign; at 1e-6 it stays noise
+WORLD_CHANGE = ["optim.schedule=constant", "train.log_every=1", "train.eval_every=0", "eval.zeroshot=false",
+                "optim.eps=1e-6"]
 # parameter groups: weight decay off for norms/biases, 5 block depths, a head at 2x (12 groups)
 GROUPS = ["optim.weight_decay=0.01", "optim.layer_decay=0.7", "optim.lr_mult={text_head: 2.0}"]
 
@@ -140,10 +144,10 @@ def test_resume_on_another_number_of_ranks(stage, groups, one_rank_reference, tm
     other world to DeepSpeed's universal format and loads it, the stream re-splits the same global
     batches over the new ranks, and losses and weights follow an uninterrupted one-rank run.
     Tolerance: float32 noise of another reduction order (2 ranks average gradients over an
-    all-reduce), which Adam turns into up to lr-sized steps where a gradient is near zero: 1e-5
-    relative on the losses, 1e-4 absolute on the weights after 9 steps (uninterrupted 1-rank and
-    2-rank runs of this recipe differ by 6e-5). Dropping the optimizer moments or a batch on resume
-    moves the losses by ~1e-2."""
+    all-reduce), which Adam amplifies where a gradient is near zero. Uninterrupted 1-rank and 2-rank
+    runs of the 12-group ZeRO-2 case differ by 1.8e-5 relative on the step-9 loss and 1.8e-4 on a
+    weight, so the bounds are 1e-4 and 1e-3, about 5x that floor. A resume that skips a batch
+    moves the first resumed loss by 3.6e-4 relative and fails."""
     ref, cut = one_rank_reference(groups), str(tmp_path / "cut")
     over = [*WORLD_CHANGE, *(GROUPS if groups else []), f"train.zero_stage={stage}"]
     for ranks, steps in ((2, 3), (1, 6), (2, 9)):
@@ -153,7 +157,7 @@ def test_resume_on_another_number_of_ranks(stage, groups, one_rank_reference, tm
     a, b = step_losses(ref), step_losses(cut)
     assert sorted(b) == list(range(1, 10))
     for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+        assert b[s] == pytest.approx(a[s], rel=1e-4), s
     resumed = events(cut, "resumed")
     assert [r["step"] for r in resumed] == [3, 6]
     # each parameter group kept its LR and weight decay through both conversions
@@ -172,7 +176,7 @@ def test_resume_on_another_number_of_ranks(stage, groups, one_rank_reference, tm
     wa = load_file(os.path.join(ref, "export", "model.safetensors"))
     wb = load_file(os.path.join(cut, "export", "model.safetensors"))
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-4), (k, (wa[k] - wb[k]).abs().max())
+        assert torch.allclose(wa[k], wb[k], atol=1e-3), (k, (wa[k] - wb[k]).abs().max())
     assert not [d for d in os.listdir(os.path.join(cut, "checkpoints")) if "universal" in d]  # cleaned up
 
 
@@ -191,7 +195,8 @@ def launch_ranks(run_dir, *overrides, world=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+# a hung rank (SIGSTOP) meets the same heartbeat timeout as a dead one
+@pytest.mark.parametrize("how", [pytest.param("SIGSTOP", marks=LONG), "SIGKILL"])
 def test_a_lost_rank_does_not_hang_the_others(how, tmp_path):
     """Rank 1 hangs (SIGSTOP) or dies (kill -9) mid-run: rank 0 exits within train.dist_timeout_s
     with one line naming rank 1 and code 69, writing nothing; after the kill -9, rerunning the
