@@ -309,11 +309,13 @@ def test_open_clip_towers_train_with_siglip_on_two_ranks(tmp_path):
     """open_clip's towers under DeepSpeed ZeRO-2 on 2 ranks (the text half's unused 0-dim
     logit_scale used to stop DeepSpeed's start-up broadcast: "self.dim() cannot be 0"), trained
     with the siglip recipe's loss (bidir exchange, tiled, gradient cache): the learnt bias is
-    logged, moves, and is exported."""
+    logged, moves, and is exported, in open_clip's format too (train.export_format: the towers'
+    own projections, no heads), which open_clip opens with the same embeddings and bias."""
     run_dir = str(tmp_path / "oc")
     finish(launch(run_dir, *OPEN_CLIP_TOWERS, "train.steps=3", "train.log_every=1", "train.zero_stage=2", "train.grad_cache_chunk=8",
                   "loss.name=siglip", "loss.tile=5", "model.logit_bias=-10", "model.temperature=0.1",
-                  "model.learn_temperature=true", "optim.lr=0.05", ranks=2))
+                  "model.learn_temperature=true", "optim.lr=0.05", "model.heads.enabled=false",
+                  "train.export_format=open_clip", ranks=2))
     losses = step_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     bias = [r["logit_bias"] for r in records(run_dir) if "logit_bias" in r]
@@ -322,6 +324,13 @@ def test_open_clip_towers_train_with_siglip_on_two_ranks(tmp_path):
     model = load_export(os.path.join(run_dir, "export"))
     assert all(p.dim() > 0 for p in model.parameters())
     assert model.logit_bias.value.item() == pytest.approx(bias[-1], abs=0.1)
+    import open_clip
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{os.path.join(run_dir, 'export', 'open_clip')}")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.functional.normalize(theirs.eval().encode_image(images), dim=-1),
+                              model.encode_image(images), atol=1e-6)
+    assert theirs.logit_bias.item() == model.logit_bias.value.item()
 
 
 @pytest.mark.slow

@@ -149,7 +149,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_line_option_says_what_it_does_and_its_default():
     parsers = _parsers()
-    assert {"mmscale-train", "mmscale-eval", "mmscale-build-shards", "mmscale-sweep", "mmscale-bench-loader",
+    assert {"mmscale-train", "mmscale-eval", "mmscale-export", "mmscale-build-shards", "mmscale-sweep", "mmscale-bench-loader",
             "mmscale-bench", "tools/demo.py"} <= set(parsers)
     missing = []
     for name, parser in parsers.items():

@@ -61,6 +61,11 @@ class HeadConfig:
     enabled: bool = f(True, "CMLA eq. 3-4; false is the no-heads ablation (the tower widths must then match)")
     hidden_dim: int = f(512, "the heads' hidden width", range=">= 1")
     output_dim: int = f(256, "the embedding width", range=">= 1")
+    style: Literal["cmla", "open_clip"] = f(
+        "cmla", "cmla: Linear -> ReLU -> Linear with biases, hidden_dim wide (eq. 3-4); open_clip: the heads open_clip "
+        "builds for timm_proj=mlp and hf_proj_type=mlp (GELU; image: hidden 2 x output_dim, no bias on the last "
+        "Linear; text: hidden (width + output_dim) // 2, no biases; hidden_dim unused), so that a timm + hf model "
+        "exports to open_clip (train.export_format)")
 
 
 @dataclass
@@ -134,6 +139,11 @@ class ClipModelConfig:
     learn_temperature: bool = f(False, "learn the temperature (clamped, as in CLIP)")
     logit_bias: Optional[float] = f(
         None, "SigLIP's learnt logit bias b, its initial value (the paper: -10); null: no bias (InfoNCE)")
+    init: str = f(
+        "", "start from a released CLIP: open_clip:<MODEL>/<TAG> (open_clip's download cache), a local open_clip "
+        "checkpoint file (a state dict, or open_clip's trainer checkpoint) or folder (open_clip_config.json + weights); "
+        "both towers, their projections and the temperature (and a SigLIP bias) are loaded into open_clip towers; "
+        "empty: each tower's own `pretrained`")
 
 
 @dataclass
@@ -328,6 +338,9 @@ class TrainConfig:
                                      "results.json")
     resume: bool = f(True, "continue from <run_dir>/checkpoints/latest when there is one (any number of ranks)")
     export: bool = f(True, "write <run_dir>/export (weights and a config that rebuilds the model offline)")
+    export_format: Literal["mmscale", "open_clip"] = f(
+        "mmscale", "open_clip: the export also holds export/open_clip/, a folder open_clip opens as local-dir: "
+        "(and mmscale-export writes one from any run); mmscale: export/ only")
     early_stopping: EarlyStoppingConfig = f(EarlyStoppingConfig, "early stopping")
     ema: EmaConfig = f(EmaConfig, "the weight EMA")
     max_nonfinite_steps: int = f(

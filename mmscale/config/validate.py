@@ -63,8 +63,22 @@ def validate_clip_loss(cfg: Config) -> None:
 
 
 def validate_clip_model(cfg: Config) -> None:
-    """The shared-block fusion reads token outputs and splits its width over its heads."""
+    """model.init has open_clip's layout to read into; the shared-block fusion reads token outputs
+    and splits its width over its heads."""
     fusion, m = cfg.model.fusion, cfg.model
+    if m.init:
+        pair = (m.image.source, m.text.source)
+        if pair not in (("open_clip", "open_clip"), ("timm", "hf")) or fusion.type != "none":
+            raise ConfigError(f"model.init: a released CLIP loads into open_clip towers (model.image.source and "
+                              f"model.text.source open_clip; timm + hf for an open_clip CustomTextCLIP), without "
+                              f"fusion; this recipe has {pair[0]} + {pair[1]}, fusion {fusion.type}")
+        both = [k for k, t in (("model.image.pretrained", m.image), ("model.text.pretrained", m.text)) if t.pretrained]
+        if both:
+            raise ConfigError(f"model.init: {m.init} gives every tower weight; set {' and '.join(both)} to false "
+                              "(one source of weights)")
+    if m.heads.style == "open_clip" and (m.image.source, m.text.source) != ("timm", "hf"):
+        raise ConfigError("model.heads.style: open_clip heads are open_clip's timm and hf projections (a timm image "
+                          f"tower, an hf text tower); this recipe has {m.image.source} + {m.text.source}")
     if fusion.type != "shared_block":
         return
     if m.image.source != "timm" or m.text.source != "hf":

@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from .backend import check_world
 from ..data.stream import to_device
 from ..dist import barrier, current_device, init_distributed, rank_and_world
 from ..export import save_export
+from ..export.openclip import blocker as open_clip_blocker
 from ..gradcache import check_exact
 from ..files import RunDir, atomic_write_json
 from ..tasks import Progress, Task
@@ -43,6 +44,8 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, task: Task):
+        if cfg.train.export and cfg.train.export_format == "open_clip" and (reason := open_clip_blocker(cfg)):
+            raise ConfigError(reason)  # now, not after the run
         init_distributed(cfg.train.dist_timeout_s)
         self.cfg, self.task, t = cfg, task, cfg.train
         self.rank, self.world = rank_and_world()

@@ -11,13 +11,18 @@ from ..config import Config
 from .cbmf import CBMF
 from .classifier import FusionClassifier
 from .dual_encoder import DualEncoder
+from .open_clip_layout import from_open_clip, read_checkpoint
 
 
 def build_model(cfg: Config) -> nn.Module:
     """The model of a resolved config (task classify needs model.num_classes and the tabular
     input_dims filled in, which its task does from the data)."""
     if cfg.task == "clip":
-        return DualEncoder(cfg.model)
+        model = DualEncoder(cfg.model)
+        if cfg.model.init:  # a released CLIP's towers and temperature (open_clip's layout)
+            state, source = read_checkpoint(cfg.model.init)
+            from_open_clip(model, state, source)
+        return model
     if cfg.task == "classify":
         loss = cfg.loss
         return FusionClassifier(cfg.model, mixup_alpha=loss.mixup_alpha,

@@ -36,6 +36,16 @@ class SharedBlockFusion(nn.Module):
         return x[:, 0]
 
 
+def open_clip_heads(image_width: int, text_width: int, out: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """The MLP projections open_clip puts on a timm image tower (timm_proj mlp: timm's Mlp, hidden
+    2 x out, no bias on its last Linear by default) and an HF text tower (hf_proj_type mlp: hidden
+    (width + out) // 2, no biases), both with GELU: heads of this shape export to open_clip."""
+    image = nn.Sequential(nn.Linear(image_width, 2 * out), nn.GELU(), nn.Linear(2 * out, out, bias=False))
+    hidden = (text_width + out) // 2
+    text = nn.Sequential(nn.Linear(text_width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False))
+    return image, text
+
+
 class DualEncoder(nn.Module):
     """model(batch) -> {"image": [B, d], "text": [B, d] (L2-normalised), "logit_scale": [1]}, and
     "logit_bias": [1] when model.logit_bias is set (SigLIP)."""
@@ -54,9 +64,12 @@ class DualEncoder(nn.Module):
             self.fusion = SharedBlockFusion(iw, tw, width, cfg.fusion.num_heads)
             iw = tw = width
 
-        if cfg.heads.enabled:
-            self.image_head = mlp(iw, [cfg.heads.hidden_dim], cfg.heads.output_dim)
-            self.text_head = mlp(tw, [cfg.heads.hidden_dim], cfg.heads.output_dim)
+        h = cfg.heads
+        if h.enabled and h.style == "open_clip":
+            self.image_head, self.text_head = open_clip_heads(iw, tw, h.output_dim)
+        elif h.enabled:
+            self.image_head = mlp(iw, [h.hidden_dim], h.output_dim)
+            self.text_head = mlp(tw, [h.hidden_dim], h.output_dim)
         else:
             if iw != tw:
                 raise ConfigError(f"model.heads.enabled: without heads the tower widths must match (image {iw}, text {tw})")

@@ -5,7 +5,7 @@ from ..data.images import CaptionDataset, Splits, SyntheticPairs, image_transfor
 from ..data.shards import ShardDataset
 from ..data.stream import BatchStream, Collate, ShardStream
 from ..losses import clip_loss
-from ..models import DualEncoder
+from ..models import DualEncoder, build_model
 from .base import Progress, Task, image_text_evaluation
 
 
@@ -19,7 +19,7 @@ class ClipTask(Task):
         self.splits = None
 
     def build_model(self) -> DualEncoder:
-        return DualEncoder(self.cfg.model)
+        return build_model(self.cfg)  # with model.init's weights, if any
 
     def _splits(self) -> Splits:
         if self.cfg.data.type in ("shards", "webdataset", "synthetic"):
