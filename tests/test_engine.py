@@ -30,27 +30,36 @@ RUN = ["train.steps=24", "train.log_every=1", "train.checkpoint_every=2", "optim
 
 @pytest.mark.slow
 # on shards: the in-memory sources resume through the same stream state (tested by the world-size,
-# preemption and weight-EMA resumes), shards add the index, the skip counter and a dropped shard
+# preemption and weight-EMA resumes), shards add the index, the skip counter, a dropped shard and
+# weighted sources (data.sources, whose epoch order replaces the permutation)
 @pytest.mark.parametrize("source", ["shards"])
 def test_kill_and_resume_continues_exactly(source, tmp_path):
     """kill -9 of a 2-rank run mid-epoch, then the same command: every later step sees the same
-    batch as an uninterrupted run (equal losses step by step, equal final weights). The shards
-    hold two corrupt images (skipped and counted) and one shard cut to half its size (issue 21:
-    dropped at start-up with one line, the epoch planned over the readable 600 samples)."""
+    batch as an uninterrupted run (equal losses step by step, equal final weights). Two weighted
+    sources, 3:1, 640 samples an epoch (480 + 160): source a holds two corrupt images (skipped and
+    counted) and one shard cut to half its size (issue 21: dropped at start-up with one line, a's
+    readable 600 samples drawn from), source b 200 samples; each logged step counts the samples
+    drawn from each."""
     run = list(RUN)
     if source == "shards":
-        write_digit_shards(str(tmp_path / "shards"), per_shard=200, shards=4, corrupt={5, 300})
-        cut_short = tmp_path / "shards" / "00003.tar"
+        write_digit_shards(str(tmp_path / "a"), per_shard=200, shards=4, corrupt={5, 300})
+        write_digit_shards(str(tmp_path / "b"), per_shard=100, shards=2)
+        cut_short = tmp_path / "a" / "00003.tar"
         cut_short.write_bytes(cut_short.read_bytes()[:cut_short.stat().st_size // 2])
-        run += ["data.type=shards", f"data.shards={tmp_path / 'shards'}"]
+        run += ["data.type=shards", f"data.sources=[{{shards: {tmp_path / 'a'}, weight: 3}}, "
+                                    f"{{shards: {tmp_path / 'b'}, weight: 1}}]", "data.samples_per_epoch=640"]
     ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
     out = finish(launch(ref_dir, *run, ranks=2))
     if source == "shards":
         lines = [l for l in out.splitlines() if l.startswith("mmscale:")]
         assert len(lines) == 1 and "00003.tar" in lines[0] and "200 samples are lost" in lines[0] \
             and "training on 600 samples in 3 shards" in lines[0], lines
-        epochs = {r["step"]: r["epoch"] for r in records(ref_dir) if "loss" in r}
-        assert epochs[8] == 0 and epochs[9] == 1  # 600 // 64 = 9 steps an epoch (logged after the step: the 9th ends epoch 0)
+        logged = [r for r in records(ref_dir) if "loss" in r]
+        epochs = {r["step"]: r["epoch"] for r in logged}
+        assert epochs[9] == 0 and epochs[10] == 1  # 640 // 64 = 10 steps an epoch (logged after the step)
+        for r in logged:
+            assert r["samples/a"] + r["samples/b"] == 64 * r["step"], r
+        assert [r["samples/a"] for r in logged if r["step"] in (10, 20)] == [480, 960]
 
     cut = launch(cut_dir, *run, ranks=2)
     latest = os.path.join(cut_dir, "checkpoints", "latest")

@@ -250,6 +250,13 @@ class DataConfig:
                                                                  "training split")
     feature_cache: str = f("", "cbmf: folder for the frozen towers' outputs (default <run_dir>/features)")
     shards: str = f("", "shards: a folder; webdataset: a brace pattern, e.g. /data/cc3m/{00000..00331}.tar")
+    sources: list = f(
+        [], "shards: weighted sources instead of data.shards, [{shards: DIR, weight: W, name: N}, ...] (name: default "
+        "the folder's name): each epoch draws from each source its weight's share, without replacement inside a "
+        "source until it is used up (data/mixture.py); exact resume; samples/<name> in metrics.jsonl")
+    samples_per_epoch: int = f(0, "data.sources: samples an epoch draws (0: all the sources' samples together), "
+                               "rounded down to whole global batches",
+                               range=">= 0")
     num_samples: int = f(0, "webdataset: samples per epoch (sets steps per epoch and the LR schedule); synthetic: "
                             "the size", range=">= 0")
     shuffle_buffer: int = f(5000, "webdataset: samples in the shuffle buffer", range=">= 0")

@@ -36,6 +36,8 @@ def validate_run(cfg: Config) -> None:
             raise ConfigError("data.shards: required for data.type webdataset")
         if d.num_samples <= 0:
             raise ConfigError("data.num_samples: required (> 0) for data.type webdataset")
+    if d.sources:
+        validate_sources(d)
     if t.ema.decay and t.zero_stage == 3:
         raise ConfigError("train.ema.decay: not supported under ZeRO 3 (each rank holds only its partition of the "
                           "weights); use train.zero_stage=2, or train.ema.decay=0")
@@ -50,6 +52,27 @@ def validate_run(cfg: Config) -> None:
         raise ConfigError("optim.step_size: must be > 0 for optim.schedule step")
     if (t.early_stopping.metric or o.schedule == "plateau") and t.eval_every <= 0:
         raise ConfigError("train.eval_every: early stopping and the plateau schedule need evaluations (> 0)")
+
+
+def source_names(sources: list) -> list[str]:
+    return [str(s.get("name") or os.path.basename(os.path.normpath(str(s["shards"])))) for s in sources]
+
+
+def validate_sources(d) -> None:
+    """data.sources: shard folders with positive weights and distinct names, for data.type shards."""
+    if d.type != "shards" or d.shards:
+        raise ConfigError("data.sources: weighted sources are for data.type shards, in place of data.shards "
+                          f"(this recipe: data.type {d.type}{', data.shards ' + repr(d.shards) if d.shards else ''})")
+    for i, s in enumerate(d.sources):
+        if not isinstance(s, dict) or not s.get("shards") or set(s) - {"shards", "weight", "name"}:
+            raise ConfigError(f"data.sources.{i}: expected {{shards: DIR, weight: W, name: N (optional)}}, got {s!r}")
+        w = s.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            raise ConfigError(f"data.sources.{i}.weight: must be a number > 0, got {w!r}")
+    names = source_names(d.sources)
+    if len(set(names)) < len(names):
+        raise ConfigError(f"data.sources: two sources are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                          "give each a name:")
 
 
 def validate_clip_loss(cfg: Config) -> None:
@@ -197,8 +220,10 @@ def validate_files(cfg: Config) -> None:
         raise ConfigError(f"data.root: folder not found: {d.root!r}")
     if d.type == "coco" and not os.path.isfile(d.captions):
         raise ConfigError(f"data.captions: file not found: {d.captions!r}")
-    if d.type == "shards" and not os.path.isfile(os.path.join(d.shards, "_meta", "shards.json")):
-        raise ConfigError(f"data.shards: no shard index in {d.shards!r} (build it with tools/build_shards.py)")
+    for key, folder in ([(f"data.sources.{i}.shards", s["shards"]) for i, s in enumerate(d.sources)] or
+                        [("data.shards", d.shards)] if d.type == "shards" else []):
+        if not os.path.isfile(os.path.join(folder, "_meta", "shards.json")):
+            raise ConfigError(f"{key}: no shard index in {folder!r} (build it with tools/build_shards.py)")
     if d.type == "multiview":
         for i, m in enumerate(cfg.model.modalities):
             path = os.path.join(d.root, f"{m.key or m.name}_tr.csv")

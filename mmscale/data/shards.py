@@ -259,9 +259,15 @@ class ShardDataset(KeyedDataset):
     later (a read error) is marked broken in this process: every sample drawn from it is replaced
     by the next one after the shard and counted as skipped, and the run goes on."""
 
-    def __init__(self, folder: str, transform, on_bad_shard: str = "drop"):
+    def __init__(self, folder: str | list[str], transform, on_bad_shard: str = "drop"):
+        """folder: one build_shards folder, or several (data.sources) laid end to end in that order;
+        source_sizes holds each one's readable samples."""
         super().__init__(transform)
-        self.shardlist = readable_shards(folder, on_bad_shard)
+        self.shardlist, self.source_sizes = [], []
+        for f in [folder] if isinstance(folder, str) else folder:
+            shards = readable_shards(f, on_bad_shard)
+            self.shardlist += shards
+            self.source_sizes.append(sum(s["nsamples"] for s in shards))
         self.size = sum(s["nsamples"] for s in self.shardlist)
         self.starts = [0]
         for s in self.shardlist:

@@ -2,7 +2,8 @@
 
 BatchStream is a pure function of (seed, epoch, step): each epoch is one seeded permutation cut
 into global batches, rank r takes its slice of each. Its state is (epoch, step), so a resumed run
-sees exactly the batches the uninterrupted run would have seen. ShardStream streams WebDataset
+sees exactly the batches the uninterrupted run would have seen; weighted sources (data.sources,
+mixture.py) replace the permutation with another pure function of the epoch. ShardStream streams WebDataset
 shards for data too large to index; its resume restores the position, not the samples.
 """
 from __future__ import annotations
@@ -94,19 +95,37 @@ class BatchStream(_Position):
     """Endless, rank-sharded, resumable stream of local batches over epochs."""
 
     def __init__(self, dataset: Dataset, collate, global_batch: int, rank: int, world: int,
-                 seed: int = 0, num_workers: int = 0):
-        self.dataset, self.collate = dataset, collate
+                 seed: int = 0, num_workers: int = 0, mixture=None):
+        """mixture: a data.mixture.SourceMixture whose epoch order replaces the permutation."""
+        self.dataset, self.collate, self.mixture = dataset, collate, mixture
         self.global_batch, self.local_batch = global_batch, global_batch // world
         self.rank, self.seed, self.num_workers = rank, seed, num_workers
-        self.steps_per_epoch = len(dataset) // global_batch
+        size = mixture.epoch_size if mixture else len(dataset)
+        self.steps_per_epoch = size // global_batch
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.global_batch_size: {global_batch} is larger than the dataset ({len(dataset)} samples)")
+            raise ConfigError(f"train.global_batch_size: {global_batch} is larger than the epoch ({size} samples)")
+        self._order = (None, None)  # (epoch, its order): computed once per epoch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Every sample index of the epoch in order; global batch s is order[s * G:(s + 1) * G]."""
+        if self._order[0] != epoch:
+            if self.mixture:
+                order = self.mixture.order(epoch)
+            else:
+                order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            self._order = (epoch, order)
+        return self._order[1]
 
     def local_indices(self, epoch: int, step: int) -> list[tuple]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.dataset), generator=g)
         start = step * self.global_batch + self.rank * self.local_batch
-        return [(self.seed, epoch, i) for i in perm[start:start + self.local_batch].tolist()]
+        return [(self.seed, epoch, i) for i in self.epoch_order(epoch)[start:start + self.local_batch].tolist()]
+
+    def metrics(self) -> dict:
+        """samples/<source>: the samples drawn from each weighted source so far (the same on every rank)."""
+        if not self.mixture:
+            return {}
+        drawn = self.mixture.drawn(self.epoch, self.epoch_order(self.epoch)[:self.step * self.global_batch])
+        return {f"samples/{name}": n for name, n in drawn.items()}
 
     def __iter__(self):
         while True:

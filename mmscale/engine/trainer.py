@@ -131,7 +131,8 @@ class Trainer:
         return {"step": self.state.step, "epoch": self.stream.epoch,
                 "loss": self.state.global_mean(result.loss), "lr": backend.base_lr(self.engine),
                 **{k: float(v) for k, v in result.metrics.items()}, "samples_per_s": samples / seconds,
-                "skipped_samples": self.skipped.total(), "nonfinite_steps": self.state.nonfinite_total()}
+                "skipped_samples": self.skipped.total(), "nonfinite_steps": self.state.nonfinite_total(),
+                **(self.stream.metrics() if hasattr(self.stream, "metrics") else {})}
 
     # ------------------------------------------------------------ evaluation and export
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from ..data.images import CaptionDataset, Splits, SyntheticPairs, image_transform, load_splits
+from ..config.validate import source_names
+from ..data.mixture import SourceMixture
 from ..data.shards import ShardDataset
 from ..data.stream import BatchStream, Collate, ShardStream
 from ..losses import clip_loss
@@ -35,14 +37,20 @@ class ClipTask(Task):
             return ShardStream(d.shards, d.num_samples, image_transform(size, train=True), collate,
                                self.cfg.train.global_batch_size, rank, world, seed=d.seed,
                                num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
-        if d.type == "shards":
+        mixture = None
+        if d.type == "shards" and d.sources:
+            ds = ShardDataset([s["shards"] for s in d.sources], image_transform(size, train=True), d.on_bad_shard)
+            mixture = SourceMixture(source_names(d.sources), ds.source_sizes,
+                                    [float(s.get("weight", 1.0)) for s in d.sources], d.samples_per_epoch, d.seed,
+                                    batch=self.cfg.train.global_batch_size)
+        elif d.type == "shards":
             ds = ShardDataset(d.shards, image_transform(size, train=True), d.on_bad_shard)
         elif d.type == "synthetic":
             ds = SyntheticPairs(d.num_samples, size, d.caption_template, image_transform(size, train=True))
         else:
             ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
         return BatchStream(ds, collate, self.cfg.train.global_batch_size, rank, world, seed=d.seed,
-                           num_workers=d.num_workers)
+                           num_workers=d.num_workers, mixture=mixture)
 
     def loss(self, out: dict, batch: dict, progress: Progress):
         metrics = {"temperature": 1.0 / out["logit_scale"].detach().float()}
