@@ -213,3 +213,33 @@ def real_photos(n):
         Image.fromarray(rng.integers(0, 255, (256, 240, 3), dtype=np.uint8)).save(buf, "JPEG")
         out.append(buf.getvalue())
     return out
+
+
+def photo_site(tmp_path):
+    """A loopback site for build_shards and a CC3M-style TSV of its URLs (caption<TAB>url): 6 good
+    photos, 2 truncated JPEGs, 3 images under 200 px, 2 missing URLs, 2 empty and 1 overlong
+    caption. Returns (tsv path, Server); close the server after."""
+    root = tmp_path / "site"
+    root.mkdir()
+    photos = real_photos(9)
+    rows = []
+    for i, data in enumerate(photos[:6]):  # good
+        (root / f"good{i}.jpg").write_bytes(data)
+        rows.append((f"a photo number {i} of something", f"good{i}.jpg"))
+    for i, data in enumerate(photos[6:8]):  # truncated JPEGs
+        (root / f"cut{i}.jpg").write_bytes(data[:len(data) // 2])
+        rows.append((f"a truncated photo {i}", f"cut{i}.jpg"))
+    for i in range(3):  # tiny: 150 px, or CIFAR-10's 32 px
+        img = Image.new("RGB", (150, 300), (i * 40, 100, 200))
+        cifar = glob.glob(os.path.join(SHARED, "cifar10", "test", "cat", f"000{i}.jpg"))
+        if cifar:
+            img = Image.open(cifar[0])
+        img.save(root / f"tiny{i}.png")
+        rows.append((f"a tiny image {i}", f"tiny{i}.png"))
+    rows += [("a missing photo", "missing0.jpg"), ("another missing photo", "missing1.jpg")]  # 404
+    rows += [("", "good0.jpg"), ("   ", "good1.jpg")]  # empty captions
+    rows += [("word " * 80, "good2.jpg")]  # too long
+    server = Server(str(root))
+    tsv = tmp_path / "cc3m.tsv"
+    tsv.write_text("".join(f"{c}\t{server.url}/{u}\n" for c, u in rows))
+    return tsv, server

@@ -1,7 +1,8 @@
+import os
 
 import torch
 
-from conftest import shared_path
+from conftest import ROOT, shared_path
 from helpers import write_digit_shards
 from mmscale.config import DataConfig
 from mmscale.data.images import CaptionDataset, SyntheticPairs, image_transform, load_splits
@@ -193,3 +194,18 @@ def test_synthetic_pairs_are_a_function_of_the_index():
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and torch.equal(image, again[0])
     assert (caption, label, skipped, len(ds)) == ("a photo of the number three.", 3, 0, 50)
     assert not torch.equal(ds[(0, 0, 14)][0], image)
+
+
+def test_bench_loader_times_the_recipes_loader_and_a_bad_override_is_one_line(capsys):
+    """mmscale-bench-loader on the tiny recipe (digits) and on COCO-MINI as docs/DATA.md runs it."""
+    from mmscale.cli.bench_loader import main
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    assert main([tiny, "--workers", "0", "--batches", "1", "--batch", "16"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].split()[:2] == ["workers", "images/s"] and float(rows[1].split()[1]) > 0
+    assert main([tiny, "model.image.image_size=224", "--batches", "1"]) == 2  # tiny's ViT is built at 32
+    assert capsys.readouterr().err.startswith("bench_loader: config error: model.image.image_size: 224")
+    coco = shared_path("coco-mini")
+    assert main([tiny, "data.type=coco", f"data.root={coco}/val2017",
+                 f"data.captions={coco}/annotations/captions_val2017.json", "model.image.image_size=224",
+                 "model.image.kwargs.img_size=224", "--workers", "0", "--batches", "1", "--batch", "8"]) == 0

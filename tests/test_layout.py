@@ -95,7 +95,7 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     assert found == {"mmscale.engine.trainer", "mmscale.models.layers"}
 
 
-SCRIPTS = ["mmscale-train", "mmscale-eval", "mmscale-build-shards", "mmscale-sweep", "mmscale-bench-loader",
+SCRIPTS = ["mmscale-train", "mmscale-eval", "mmscale-export", "mmscale-build-shards", "mmscale-sweep", "mmscale-bench-loader",
            "mmscale-bench"]
 
 

@@ -1,41 +1,15 @@
 """tools/build_shards.py end to end: the real img2dataset against a loopback HTTP server."""
-import glob
 import json
-import os
 
 import pytest
-from PIL import Image
 
-from conftest import SHARED
-from helpers import Server, real_photos
+from helpers import photo_site
 from mmscale.data.shards import BuildOptions, build_shards
 
 
 @pytest.fixture
 def site(tmp_path):
-    root = tmp_path / "site"
-    root.mkdir()
-    photos = real_photos(9)
-    rows = []
-    for i, data in enumerate(photos[:6]):  # good
-        (root / f"good{i}.jpg").write_bytes(data)
-        rows.append((f"a photo number {i} of something", f"good{i}.jpg"))
-    for i, data in enumerate(photos[6:8]):  # truncated JPEGs
-        (root / f"cut{i}.jpg").write_bytes(data[:len(data) // 2])
-        rows.append((f"a truncated photo {i}", f"cut{i}.jpg"))
-    for i in range(3):  # tiny: 150 px, or CIFAR-10's 32 px
-        img = Image.new("RGB", (150, 300), (i * 40, 100, 200))
-        cifar = glob.glob(os.path.join(SHARED, "cifar10", "test", "cat", f"000{i}.jpg"))
-        if cifar:
-            img = Image.open(cifar[0])
-        img.save(root / f"tiny{i}.png")
-        rows.append((f"a tiny image {i}", f"tiny{i}.png"))
-    rows += [("a missing photo", "missing0.jpg"), ("another missing photo", "missing1.jpg")]  # 404
-    rows += [("", "good0.jpg"), ("   ", "good1.jpg")]  # empty captions
-    rows += [("word " * 80, "good2.jpg")]  # too long
-    server = Server(str(root))
-    tsv = tmp_path / "cc3m.tsv"  # CC3M layout: caption<TAB>url, no header
-    tsv.write_text("".join(f"{c}\t{server.url}/{u}\n" for c, u in rows))
+    tsv, server = photo_site(tmp_path)
     yield tsv, server
     server.close()
 
@@ -75,3 +49,13 @@ def test_cli_names_missing_column(tmp_path):
     r = subprocess.run([sys.executable, "tools/build_shards.py", str(csv), str(tmp_path / "o")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "column 'caption'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_distributor_is_one_line(tmp_path, capsys):
+    from mmscale.cli.build_shards import main
+    tsv = tmp_path / "x.tsv"
+    tsv.write_text("a caption\thttp://127.0.0.1:9/a.jpg\n")
+    assert main([str(tsv), str(tmp_path / "o"), "--distributor", "dask"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "build_shards: --distributor: 'dask' is not one of multiprocessing, pyspark, ray"
+    assert not (tmp_path / "o").exists()

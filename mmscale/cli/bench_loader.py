@@ -7,7 +7,7 @@ compare images/s per worker x workers per GPU with the trainer's samples/s per G
     mmscale-bench-loader recipes/tiny.yaml data.type=coco \\
         data.root=../shared/data/coco-mini/val2017 \\
         data.captions=../shared/data/coco-mini/annotations/captions_val2017.json \\
-        model.image.image_size=224 --workers 0 1 2
+        model.image.image_size=224 model.image.kwargs.img_size=224 --workers 0 1 2
 """
 import argparse
 import sys
@@ -26,12 +26,16 @@ def main(argv=None) -> int:
 
     import torch
     from transformers import AutoTokenizer
-    from mmscale.config import load_config
+    from mmscale.config import ConfigError, load_config
     from mmscale.models.towers import HFTokenize, resolve_text_path
     from mmscale.tasks import ClipTask
 
     torch.set_num_threads(1)  # one worker = one core, as in training
-    cfg = load_config(args.recipe, args.overrides + [f"train.global_batch_size={args.batch}"])
+    try:
+        cfg = load_config(args.recipe, args.overrides + [f"train.global_batch_size={args.batch}"])
+    except ConfigError as e:
+        print(f"bench_loader: config error: {e}", file=sys.stderr)
+        return 2
     if cfg.task != "clip":
         raise SystemExit(f"bench_loader: {args.recipe} is a task {cfg.task} recipe; this times task clip loaders")
     if cfg.model.text.source != "hf":

@@ -30,6 +30,11 @@ HELP = {
     "caption_col": "caption column of a CSV/parquet or headed TSV",
     "url_col": "URL column of a CSV/parquet or headed TSV",
     "label_col": "class column: each sample then carries its class (for task classify); empty: none",
+    "distributor": "img2dataset's distributor: multiprocessing (this machine), pyspark or ray (a cluster whose "
+                   "workers all write into OUT_DIR: shared storage)",
+    "spark_master": "pyspark: the Spark master URL, e.g. spark://head:7077; empty: $SPARK_MASTER, else "
+                    "local[--processes]",
+    "ray_address": "ray: the cluster address, e.g. head:6379; empty: $RAY_ADDRESS, else a local Ray",
 }
 
 

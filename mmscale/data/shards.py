@@ -11,6 +11,7 @@ the missing shards instead of starting over.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -50,6 +51,11 @@ class BuildOptions:
     # sample's .json; class names that are not integers are numbered in sorted order and listed
     # in _meta/classes.json
     label_col: str = ""
+    # img2dataset's distributors: one machine's processes, or a Spark or Ray cluster whose workers
+    # all write into the output folder (shared storage)
+    distributor: str = "multiprocessing"
+    spark_master: str = ""  # pyspark: the master URL; empty: $SPARK_MASTER, else local[processes]
+    ray_address: str = ""  # ray: the cluster address; empty: $RAY_ADDRESS, else a local Ray
 
 
 def read_pairs(path: str, caption_col: str = "caption", url_col: str = "url", label_col: str = ""):
@@ -133,7 +139,43 @@ def write_index(out_dir: str, shardlist: list[dict]) -> str:
     return path
 
 
+DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+
+
+@contextlib.contextmanager
+def _distributor(opts: BuildOptions):
+    """The cluster img2dataset's distributor runs on: a Spark session (img2dataset uses the active
+    one; ours asks for no 16 GB driver) or a Ray connection, made here and closed after."""
+    if opts.distributor == "pyspark":
+        try:
+            from pyspark.sql import SparkSession
+        except ImportError:
+            raise ValueError("--distributor pyspark: pip install pyspark (and a Java 17+ runtime)") from None
+        master = opts.spark_master or os.environ.get("SPARK_MASTER") or f"local[{opts.processes}]"
+        if master.startswith("local"):  # Spark's Python workers: this interpreter (img2dataset is here)
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        spark = SparkSession.builder.master(master).appName("mmscale-build-shards").getOrCreate()
+        try:
+            yield
+        finally:
+            spark.stop()
+    elif opts.distributor == "ray":
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--distributor ray: pip install ray") from None
+        ray.init(address=opts.ray_address or os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    else:
+        yield
+
+
 def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
+    if opts.distributor not in DISTRIBUTORS:
+        raise ValueError(f"--distributor: {opts.distributor!r} is not one of {', '.join(DISTRIBUTORS)}")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset import download
     df = read_pairs(input_path, opts.caption_col, opts.url_col, opts.label_col)
@@ -149,12 +191,13 @@ def build_shards(input_path: str, out_dir: str, opts: BuildOptions) -> dict:
     with atomic_path(url_list) as tmp:
         keep.to_parquet(tmp, index=False)
     if len(keep):
-        download(url_list=url_list, output_folder=out_dir, output_format="webdataset", input_format="parquet",
-                 url_col="url", caption_col="caption", image_size=opts.image_size, resize_mode=opts.resize_mode,
-                 min_image_size=opts.min_image_size, processes_count=opts.processes, thread_count=opts.threads,
-                 number_sample_per_shard=opts.shard_size, timeout=opts.timeout, retries=opts.retries,
-                 incremental_mode="incremental", enable_wandb=False, distributor="multiprocessing",
-                 save_additional_columns=["label"] if opts.label_col else None)
+        with _distributor(opts):
+            download(url_list=url_list, output_folder=out_dir, output_format="webdataset", input_format="parquet",
+                     url_col="url", caption_col="caption", image_size=opts.image_size, resize_mode=opts.resize_mode,
+                     min_image_size=opts.min_image_size, processes_count=opts.processes, thread_count=opts.threads,
+                     number_sample_per_shard=opts.shard_size, timeout=opts.timeout, retries=opts.retries,
+                     incremental_mode="incremental", enable_wandb=False, distributor=opts.distributor,
+                     save_additional_columns=["label"] if opts.label_col else None)
     summary = summarize(out_dir, len(df), caption_filtered)
     write_index(out_dir, summary.pop("_shardlist"))
     if classes:
