@@ -84,6 +84,10 @@ class _Position:
                                   f"so no step starts there: resume with {saved} (or train.resume=false)")
             self.step = done // self.global_batch
 
+    def metrics(self) -> dict:
+        """What the stream adds to a logged step (none unless a subclass says)."""
+        return {}
+
     def _advance(self) -> None:
         # before the batch is yielded: a checkpoint taken after it resumes at the next one
         self.step += 1

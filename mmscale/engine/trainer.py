@@ -132,7 +132,7 @@ class Trainer:
                 "loss": self.state.global_mean(result.loss), "lr": backend.base_lr(self.engine),
                 **{k: float(v) for k, v in result.metrics.items()}, "samples_per_s": samples / seconds,
                 "skipped_samples": self.skipped.total(), "nonfinite_steps": self.state.nonfinite_total(),
-                **(self.stream.metrics() if hasattr(self.stream, "metrics") else {})}
+                **self.stream.metrics()}
 
     # ------------------------------------------------------------ evaluation and export
 
