@@ -27,6 +27,7 @@ from ..data.images import CLIP_MEAN, CLIP_STD
 from ..files import atomic_path, atomic_write_json
 from ..models.open_clip_layout import blocker as layout_blocker
 from ..models.open_clip_layout import to_open_clip
+from ..models.towers import sized_open_clip_kwargs
 
 CONFIG, WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
 
@@ -49,7 +50,7 @@ def _timm_size_blocker(m: ClipModelConfig) -> str | None:
     with torch.device("meta"):
         trunk = timm.create_model(m.image.name, pretrained=False)
     own = getattr(getattr(trunk, "patch_embed", None), "img_size", None)
-    if own is not None and getattr(trunk, "pos_embed", None) is not None and m.image.image_size \
+    if own is not None and getattr(trunk, "pos_embed", None) is not None \
             and tuple(own) != (m.image.image_size, m.image.image_size):
         return (f"model.image.image_size: open_clip builds timm's {m.image.name} at its own input size {own[0]} "
                 f"(its position embeddings fix it); this model is {m.image.image_size}")
@@ -57,19 +58,20 @@ def _timm_size_blocker(m: ClipModelConfig) -> str | None:
 
 
 def _open_clip_cfg(name: str, kwargs: dict, image_size: int | None) -> dict:
-    """The model_cfg an open_clip tower of ours was built from (towers.py: _open_clip_model)."""
+    """The model_cfg an open_clip tower of ours was built from: its kwargs sized as towers.py
+    sizes them, then open_clip's own config (inline, or the named one with its force_* kwargs)."""
     import open_clip
+    kwargs = sized_open_clip_kwargs(kwargs, image_size)
     if "model_cfg" in kwargs:
         cfg = json.loads(json.dumps(kwargs["model_cfg"]))
     else:
         cfg = open_clip.get_model_config(name)
         if cfg is None:
             raise ConfigError(f"model.image.name / model.text.name: {name!r} is not an open_clip model config")
+        if kwargs.get("force_image_size"):
+            cfg["vision_cfg"] = {**cfg.get("vision_cfg", {}), "image_size": kwargs["force_image_size"]}
     if kwargs.get("force_quick_gelu"):
         cfg["quick_gelu"] = True
-    size = kwargs.get("force_image_size") or image_size
-    if size:
-        cfg["vision_cfg"] = {**cfg.get("vision_cfg", {}), "image_size": size}
     cfg.get("vision_cfg", {}).pop("patch_dropout", None)  # training only
     return cfg
 
@@ -96,7 +98,7 @@ def model_cfg(model: torch.nn.Module, folder: str) -> dict:
             "custom_text": True,
             "vision_cfg": {"timm_model_name": m.image.name, "timm_model_pretrained": False,
                            "timm_pool": getattr(pool, "pool_type", pool), "timm_proj": "mlp" if heads else "none",
-                           "timm_proj_bias": False, "image_size": image_size(model)},
+                           "timm_proj_bias": False, "image_size": m.image.image_size},
             "text_cfg": {"hf_model_name": os.path.abspath(folder), "hf_tokenizer_name": os.path.abspath(folder),
                          "hf_model_pretrained": False, "hf_proj_type": "mlp" if heads else None,
                          "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": m.text.max_length},
@@ -106,18 +108,9 @@ def model_cfg(model: torch.nn.Module, folder: str) -> dict:
     return out
 
 
-def image_size(model: torch.nn.Module) -> int:
-    m: ClipModelConfig = model.cfg
-    if m.image.image_size:
-        return m.image.image_size
-    tower = model.image_tower.model
-    size = getattr(tower, "image_size", None) or tower.pretrained_cfg["input_size"][-1]
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
-
-
 def preprocess_cfg(model: torch.nn.Module) -> dict:
     """Our evaluation transform (data/images.py: image_transform) in open_clip's terms."""
-    return {"size": image_size(model), "mode": "RGB", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+    return {"size": model.cfg.image.image_size, "mode": "RGB", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
             "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
 

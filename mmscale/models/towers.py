@@ -149,7 +149,7 @@ def _open_clip_model(name: str, pretrained, kwargs: dict):
     return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
 
 
-def _sized(kwargs: dict, image_size: int | None) -> dict:
+def sized_open_clip_kwargs(kwargs: dict, image_size: int | None) -> dict:
     """open_clip kwargs with the vision input size set to image_size where they state none."""
     if not image_size:
         return kwargs
@@ -174,7 +174,7 @@ def _patch_dropped(kwargs: dict, patch_dropout: float) -> dict:
 class OpenClipImageTower(Tower):
     def __init__(self, name: str, pretrained, kwargs: dict, image_size: int | None = None, patch_dropout: float = 0.0):
         super().__init__()
-        self.model = _open_clip_model(name, pretrained, _patch_dropped(_sized(kwargs, image_size), patch_dropout)).visual
+        self.model = _open_clip_model(name, pretrained, _patch_dropped(sized_open_clip_kwargs(kwargs, image_size), patch_dropout)).visual
         self.width = self.model.output_dim
 
     def set_grad_checkpointing(self) -> None:
