@@ -280,6 +280,16 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
+def all_gather_object(value) -> list:
+    """Every rank's value (any picklable object), in rank order, on every rank."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_reduce_sum(value: float | int | torch.Tensor) -> float:
     """The sum of a number (or a one-element tensor, on any device) over the ranks, on the host;
     a blocking collective."""

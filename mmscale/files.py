@@ -73,6 +73,9 @@ class RunDir:
     def results(self) -> str:
         return os.path.join(self.root, "results.json")
 
+    def samples(self, rank: int) -> str:  # train.sample_log: each step's sample ids on this rank
+        return os.path.join(self.root, "samples", f"rank{rank}.jsonl")
+
     @property
     def tensorboard(self) -> str:  # the events of every logged scalar: tensorboard --logdir runs/
         return os.path.join(self.root, "tensorboard")

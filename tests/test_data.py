@@ -154,39 +154,6 @@ def test_training_streams_webdataset_shards(tmp_path):
     assert [x["step"] for x in losses] == [1, 2] and all(x["epoch"] == 0 for x in losses)
 
 
-def test_streamed_shards_split_over_ranks_shuffle_and_resume_at_their_step(tmp_path):
-    """data.type webdataset (ShardStream): each rank draws its own shards and order from
-    (seed, rank, epoch, step), reproducibly; the shuffle buffer mixes shards' samples; epochs end
-    at data.num_samples; a resumed stream is at the saved step and draws afresh (not the epoch's
-    first samples again)."""
-    from mmscale.data.stream import ShardStream
-    urls = write_digit_shards(str(tmp_path / "shards"), per_shard=40, shards=3, numbered=True)
-
-    def stream(rank, seed=0):
-        return ShardStream(urls, 120, image_transform(16, train=False), lambda rows: [r[1] for r in rows],
-                           global_batch=20, rank=rank, world=2, seed=seed, shuffle_buffer=30)
-
-    def numbers(s, n):
-        return [[int(c.split()[1]) for c in batch] for batch in take(s, n)]
-    first = numbers(stream(0), 4)
-    assert all(len(b) == 10 for b in first)  # the local batch: 20 over 2 ranks
-    assert numbers(stream(0), 4) == first  # reproducible
-    assert numbers(stream(1), 4) != first and numbers(stream(0, seed=1), 4) != first  # rank and seed draw apart
-    # shuffled: without the buffer a batch is 10 consecutive samples of one shard
-    assert all(any(b - a != 1 for a, b in zip(batch, batch[1:])) for batch in first)
-    s = stream(0)
-    take(s, 7)  # 6 steps an epoch (120 samples, batches of 20): one into epoch 1
-    assert (s.epoch, s.step) == (1, 1)
-    resumed = stream(0)
-    resumed.load_state_dict(s.state_dict())
-    assert (resumed.epoch, resumed.step) == (1, 1)
-    after = numbers(resumed, 2)
-    assert (resumed.epoch, resumed.step) == (1, 3)
-    fresh_epoch = stream(0)
-    fresh_epoch.load_state_dict({"epoch": 1, "step": 0, "global_batch": 20})
-    assert after != numbers(fresh_epoch, 2)  # not a replay of epoch 1's start
-
-
 def test_synthetic_pairs_are_a_function_of_the_index():
     ds = SyntheticPairs(50, 16, "a photo of the number {}.", image_transform(16, train=True))
     image, caption, label, skipped = ds[(0, 0, 13)]

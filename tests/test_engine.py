@@ -28,6 +28,37 @@ def test_lr_schedule_warmup_then_cosine():
 RUN = ["train.steps=24", "train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=4"]
 
 
+def kill_and_resume(cut_dir, run, ranks=2, steps=24):
+    """A run killed (-9, every process) once its first checkpoint is written, then the same
+    command again to the end."""
+    cut = launch(cut_dir, *run, ranks=ranks)
+    latest = os.path.join(cut_dir, "checkpoints", "latest")
+    deadline = time.time() + 240
+    while not os.path.exists(latest) and time.time() < deadline and cut.poll() is None:
+        time.sleep(0.02)
+    kill_tree(cut)
+    cut.wait()
+    assert not os.path.exists(os.path.join(cut_dir, "results.json")), "the run finished before it was killed"
+    killed_at = max(step_losses(cut_dir))
+    assert killed_at < steps
+    finish(launch(cut_dir, *run, ranks=ranks))
+    resumed = events(cut_dir, "resumed")
+    assert len(resumed) == 1 and 2 <= resumed[0]["step"] <= killed_at
+
+
+def same_steps_and_weights(ref_dir, cut_dir, steps=24):
+    """Equal losses step by step (a resumed run's record of a re-done step wins) and equal final weights."""
+    ref_losses, cut_losses = step_losses(ref_dir), step_losses(cut_dir)
+    assert sorted(cut_losses) == sorted(ref_losses) == list(range(1, steps + 1))
+    for s in ref_losses:
+        assert cut_losses[s] == pytest.approx(ref_losses[s], rel=1e-5, abs=1e-6), s
+    a = load_file(os.path.join(ref_dir, "export", "model.safetensors"))
+    b = load_file(os.path.join(cut_dir, "export", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
 @pytest.mark.slow
 # on shards: the in-memory sources resume through the same stream state (tested by the world-size,
 # preemption and weight-EMA resumes), shards add the index, the skip counter, a dropped shard and
@@ -61,35 +92,43 @@ def test_kill_and_resume_continues_exactly(source, tmp_path):
             assert r["samples/a"] + r["samples/b"] == 64 * r["step"], r
         assert [r["samples/a"] for r in logged if r["step"] in (10, 20)] == [480, 960]
 
-    cut = launch(cut_dir, *run, ranks=2)
-    latest = os.path.join(cut_dir, "checkpoints", "latest")
-    deadline = time.time() + 240
-    while not os.path.exists(latest) and time.time() < deadline and cut.poll() is None:
-        time.sleep(0.02)
-    kill_tree(cut)
-    cut.wait()
-    assert not os.path.exists(os.path.join(cut_dir, "results.json")), "the run finished before it was killed"
-    killed_at = max(step_losses(cut_dir))
-    assert killed_at < 24
-
-    out = finish(launch(cut_dir, *run, ranks=2))
-    ref_losses, cut_losses = step_losses(ref_dir), step_losses(cut_dir)
-    resumed = events(cut_dir, "resumed")
-    assert len(resumed) == 1 and 2 <= resumed[0]["step"] <= killed_at
-    assert sorted(cut_losses) == sorted(ref_losses) == list(range(1, 25))
-    for s in ref_losses:
-        assert cut_losses[s] == pytest.approx(ref_losses[s], rel=1e-5, abs=1e-6), s
-    a = load_file(os.path.join(ref_dir, "export", "model.safetensors"))
-    b = load_file(os.path.join(cut_dir, "export", "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    kill_and_resume(cut_dir, run)
+    same_steps_and_weights(ref_dir, cut_dir)
     # only complete checkpoints are kept, the newest named by `latest`
     ckpts = sorted(d for d in os.listdir(os.path.join(cut_dir, "checkpoints")) if d.startswith("step"))
     assert open(os.path.join(cut_dir, "checkpoints", "latest")).read() == ckpts[-1] == "step00000024"
     if source == "shards":  # 24 steps of 9 an epoch: the two corrupt ones are met
         skipped = [r["skipped_samples"] for r in records(ref_dir) if "loss" in r]
         assert skipped[-1] >= 1 and skipped == sorted(skipped)
+
+
+def sample_ids(run_dir, rank) -> dict:
+    """{step: sample ids} from train.sample_log's file; a resumed run's line of a re-done step wins."""
+    with open(os.path.join(run_dir, "samples", f"rank{rank}.jsonl")) as f:
+        return {r["step"]: r["ids"] for r in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_streamed_webdataset_resumes_exactly_after_kill(tmp_path):
+    """data.type webdataset on 2 ranks x 2 loader workers, shuffle buffer on, one corrupt image:
+    kill -9 mid-run, the same command again: every step's samples on every rank (train.sample_log)
+    are the uninterrupted run's, and so are the losses and the final weights."""
+    urls = write_digit_shards(str(tmp_path / "wds"), per_shard=50, shards=5, corrupt={7})
+    run = [*RUN, "data.type=webdataset", f"data.shards={urls}", "data.num_samples=256", "data.shuffle_buffer=40",
+           "data.num_workers=2", "train.sample_log=true"]
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    finish(launch(ref_dir, *run, ranks=2))
+    kill_and_resume(cut_dir, run)
+    for rank in range(2):
+        ref, cut = sample_ids(ref_dir, rank), sample_ids(cut_dir, rank)
+        assert sorted(ref) == sorted(cut) == list(range(1, 25))
+        assert all(len(ref[s]) == 32 for s in ref) and ref == cut, rank
+    every = [i for rank in range(2) for ids in sample_ids(ref_dir, rank).values() for i in ids]
+    assert "00000.tar/00000007" not in every  # the corrupt image: skipped
+    # 1536 samples drawn from 250: the corrupt one is met several times, each time skipped and counted
+    skipped = {r["step"]: r["skipped_samples"] for r in records(ref_dir) if "loss" in r}
+    assert skipped[24] >= 2 and skipped == {r["step"]: r["skipped_samples"] for r in records(cut_dir) if "loss" in r}
+    same_steps_and_weights(ref_dir, cut_dir)
 
 
 # on one rank the dropout masks come from the per-step seed: a run stopped at a checkpoint and

@@ -235,7 +235,9 @@ class DataConfig:
         "digits", "digits: scikit-learn's 8x8 handwritten digits with captions (ships with scikit-learn); "
         "imagefolder: <root>/<class>/*.jpg with captions made from class names; coco: COCO captions json + image "
         "folder; shards: the output folder of tools/build_shards.py, read by index (exact resume); webdataset: any "
-        "tar shards, streamed with resampling (resume restores the step, not the samples); multiview: MOGONET "
+        "tar shards (brace pattern, local or pipe:/http URLs), read front to back in a seeded order split over "
+        "ranks x loader workers, with a shuffle buffer; resume is exact on the same ranks and workers (re-split on "
+        "others, one line); multiview: MOGONET "
         "folders ({1,2,3}_{tr,te}.csv, labels_{tr,te}.csv), for task classify; imagetext: image + text + label, "
         "JSONL files (data.train, data.test) or shard folders, for task classify; synthetic: data.num_samples random "
         "images with captions \"<template> <digit name>\", generated per index (any batch size, nothing read; for "
@@ -259,7 +261,8 @@ class DataConfig:
                                range=">= 0")
     num_samples: int = f(0, "webdataset: samples per epoch (sets steps per epoch and the LR schedule); synthetic: "
                             "the size", range=">= 0")
-    shuffle_buffer: int = f(5000, "webdataset: samples in the shuffle buffer", range=">= 0")
+    shuffle_buffer: int = f(5000, "webdataset: samples in each rank's and loader worker's shuffle buffer (filled "
+                                     "before the first batch; 0: the shards' own order)", range=">= 0")
     captions: str = f("", "coco: the captions json")
     caption_template: str = f("a photo of a {}.", "digits, imagefolder, synthetic: the caption made from a class "
                                                  "name")
@@ -338,6 +341,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = f("bf16", "bf16: DeepSpeed's bf16 mixed precision")
     seed: int = f(0, "seed of the initial weights and the per-step randomness (dropout, mixup)")
     log_every: int = f(10, "steps between logged training metrics", range=">= 1")
+    sample_log: bool = f(False, "write <run_dir>/samples/rank<R>.jsonl: the ids of the samples of every step on "
+                                "rank R, a line per step ({\"step\", \"ids\"}; after a resume the later line of a "
+                                "step is the one trained on): which samples a step saw, e.g. before a loss spike")
     checkpoint_every: int = f(0, "steps; 0 = only at the end", range=">= 0")
     keep_checkpoints: int = f(2, "checkpoints kept (the one a resume continues from is always kept)", range=">= 1")
     eval_every: int = f(0, "steps; 0 = only at the end", range=">= 0")

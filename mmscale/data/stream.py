@@ -3,8 +3,8 @@
 BatchStream is a pure function of (seed, epoch, step): each epoch is one seeded permutation cut
 into global batches, rank r takes its slice of each. Its state is (epoch, step), so a resumed run
 sees exactly the batches the uninterrupted run would have seen; weighted sources (data.sources,
-mixture.py) replace the permutation with another pure function of the epoch. ShardStream streams WebDataset
-shards for data too large to index; its resume restores the position, not the samples.
+mixture.py) replace the permutation with another pure function of the epoch. ShardStream (streamed.py)
+reads WebDataset shards front to back for data too large to index, and resumes exactly too.
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ class _Position:
     resume with another global batch size continues at the same sample when it can."""
 
     epoch = step = 0
+    last_ids: list = []  # the samples of the batch just yielded (train.sample_log)
     steps_per_epoch: int
     global_batch: int
 
@@ -139,51 +140,7 @@ class BatchStream(_Position):
             loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
                                 num_workers=self.num_workers, persistent_workers=False,
                                 worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
-            for batch in loader:
+            for indices, batch in zip(batches, loader):
+                self.last_ids = [i for _, _, i in indices]  # positions in the dataset
                 self._advance()
                 yield batch
-
-
-class ShardStream(_Position):
-    """Streams WebDataset shards (tools/build_shards.py output) for training.
-
-    Shards are resampled: every rank and loader worker draws shards with its own seed, the
-    usual setup for multi-node streaming (no constraint between shard and rank counts).
-    Steps per epoch come from data.num_samples so the LR schedule is right. The shard draw and
-    the shuffle buffer are seeded by (train.seed, rank, epoch, step): a run is reproducible, and
-    resume restores the step and epoch and continues with a draw of its own (not a replay of
-    the epoch's first samples, and not the samples the interrupted run would have seen).
-    Undecodable samples are skipped with a warning rather than stopping the run.
-    """
-
-    def __init__(self, urls: str, num_samples: int, transform, collate, global_batch: int, rank: int,
-                 world: int, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 5000):
-        self.urls, self.transform, self.collate = urls, transform, collate
-        self.global_batch, self.local_batch, self.rank, self.seed = global_batch, global_batch // world, rank, seed
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.steps_per_epoch = num_samples // global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"data.num_samples: {num_samples} is smaller than one global batch ({global_batch})")
-
-    def _pipeline(self):
-        import webdataset as wds
-        skip = wds.warn_and_continue
-        # where the stream starts: the draw of a resumed run differs from the epoch's start
-        seed = ((self.seed * 100_003 + self.rank) * 1_009 + self.epoch) * 100_003 + self.step
-        return wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=seed, deterministic=True),
-            wds.tarfile_to_samples(handler=skip),
-            wds.shuffle(self.shuffle_buffer, seed=seed),  # webdataset seeds it from the clock otherwise
-            wds.decode("pil", handler=skip),
-            wds.to_tuple("jpg;jpeg;png;webp", "txt", handler=skip),
-            wds.map(lambda s: (self.transform(s[0]), s[1].strip(), -1, 0), handler=skip),
-            wds.batched(self.local_batch, collation_fn=self.collate, partial=False),
-        )
-
-    def __iter__(self):
-        import webdataset as wds
-        loader = wds.WebLoader(self._pipeline(), batch_size=None, num_workers=self.num_workers,
-                               worker_init_fn=ignore_stop_signals, pin_memory=torch.cuda.is_available())
-        for batch in loader:
-            self._advance()
-            yield batch

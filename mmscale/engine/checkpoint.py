@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 
-from ..dist import any_rank, barrier, broadcast_object, rank_and_world
+from ..dist import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
 from ..files import RunDir, atomic_write, atomic_write_json
 from .backend import base_optimizer, place_optimizer_state
 
@@ -50,12 +50,6 @@ class CheckpointError(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _gather(value) -> list:
-    """Every rank's value, in rank order, on every rank (broadcasts from each rank in turn)."""
-    rank, world = rank_and_world()
-    return [broadcast_object(value if rank == src else None, src=src) for src in range(world)]
 
 
 def _sha256(path: str) -> str:
@@ -104,7 +98,7 @@ def write_manifest(folder: str, step: int) -> None:
             mine[f] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
     except OSError as e:
         error = _describe(e)
-    parts = _gather((mine, error))
+    parts = all_gather_object((mine, error))
     errors = [e for _, e in parts if e]
     if not errors and rank == 0:
         entries = {f: e for part, _ in parts for f, e in part.items()}
@@ -153,7 +147,7 @@ def manifest_problem(folder: str) -> str | None:
                 mine = f"{name} is unreadable ({_describe(e)})"
             if mine:
                 break
-    found = [m for m in _gather(mine) if m]
+    found = [m for m in all_gather_object(mine) if m]
     return problem or (found[0] if found else None)
 
 
@@ -322,7 +316,7 @@ class Checkpointer:
                     atomic_write(self.run.latest, tag)
             except OSError as e:
                 error = e
-        errors = [e for e in _gather(_describe(error) if error else None) if e]
+        errors = [e for e in all_gather_object(_describe(error) if error else None) if e]
         if errors:
             return self._failed(step, folder, errors[0], final)
         barrier()

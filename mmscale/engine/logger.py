@@ -28,6 +28,21 @@ def scalars(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, Real) and not isinstance(v, bool)}
 
 
+class SampleLog:
+    """train.sample_log: every step's sample ids on this rank, appended a line a step (each rank its
+    own file, so nothing is gathered); off, it does nothing."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def write(self, step: int, ids: list) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
+
 class MetricsLogger:
     """metrics.jsonl (+ TensorBoard events beside it when `tensorboard` names a folder), rank 0 only."""
 

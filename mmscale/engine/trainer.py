@@ -28,7 +28,7 @@ from ..tasks import Progress, Task
 from . import backend
 from .checkpoint import CheckpointError, Checkpointer
 from .ema import WeightEMA
-from .logger import MetricsLogger
+from .logger import MetricsLogger, SampleLog
 from .param_groups import GroupSettings, describe as describe_groups, parameter_groups
 from .schedule import EarlyStopping, Plateau, step_lr_lambda
 from .state import SkipCounter, StopSignals, TrainState
@@ -86,6 +86,7 @@ class Trainer:
             if obj is not None:
                 self.checkpoints.register(name, obj)
         self.stop = StopSignals()
+        self.sample_log = SampleLog(self.run.samples(self.rank) if t.sample_log else None)
         self.last_eval = (-1, {})  # (step, metrics) of the latest evaluation
         self.watchdog = RankWatchdog(self.rank, self.world, t.dist_timeout_s,
                                      on_lost=lambda line: self.logger.log({"event": "rank_lost", "message": line}))
@@ -192,6 +193,7 @@ class Trainer:
         tic, seen = time.perf_counter(), 0
         while self.state.step < self.total_steps and not self.early.should_stop:
             result = self.train_step(next(batches))
+            self.sample_log.write(self.state.step, self.stream.last_ids)
             seen += t.global_batch_size
             bar.step()
             step = self.state.step

@@ -5,7 +5,8 @@ from ..data.images import CaptionDataset, Splits, SyntheticPairs, image_transfor
 from ..config.validate import source_names
 from ..data.mixture import SourceMixture
 from ..data.shards import ShardDataset
-from ..data.stream import BatchStream, Collate, ShardStream
+from ..data.stream import BatchStream, Collate
+from ..data.streamed import ShardStream
 from ..losses import clip_loss
 from ..models import DualEncoder, build_model
 from .base import Progress, Task, image_text_evaluation
