@@ -131,5 +131,5 @@ def test_a_stream_with_no_sample_is_one_line(tmp_path):
     with tarfile.open(path, "w"):
         pass
     s = ShardStream(str(path), 40, image_transform(16, train=False), collate, global_batch=20, rank=0, world=1)
-    with pytest.raises(Exception, match="1 shards in a row hold no sample"):
+    with pytest.raises(Exception, match="none of the 1 shards holds a sample"):
         next(iter(s))

@@ -129,9 +129,11 @@ class SlotReader:
                     self.cursor = (k, off + 1)
                     yield (k, off), sample
             empty = 0 if n else empty + 1
-            if empty >= len(self.order):
-                raise ConfigError(f"data.shards: {len(self.order)} shards in a row hold no sample "
-                                  f"(from {self.order[self.place(k)]})")
+            # a slot sees every shard of the order about once per n of its own: 32 n empty ones
+            # in a row (by chance e^-32 when one shard holds a sample) means none does
+            if empty >= 32 * len(self.order):
+                raise ConfigError(f"data.shards: none of the {len(self.order)} shards holds a sample "
+                                  f"({empty} read in a row, the last {self.order[self.place(k)]})")
             k, start = k + 1, 0
 
     def samples(self):
