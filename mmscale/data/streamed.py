@@ -102,25 +102,9 @@ class SlotReader:
         url = self.order[self.place(k)]
         return enumerate(tarfile_samples([{"url": url}], handler=wds.warn_and_continue))
 
-    def _refill(self) -> list:
-        """The buffer of a resumed slot: its samples read again from the shards they came from."""
-        want, got = set(self.refs), {}
-        last_k, last_off = self.cursor
-        for k in range(min((r[0] for r in self.refs), default=last_k), last_k + 1):
-            for off, sample in self._shard(k):
-                if k == last_k and off >= last_off:
-                    break
-                if (k, off) in want:
-                    got[(k, off)] = sample
-        if len(got) < len(want):
-            k, off = min(want - got.keys())
-            raise ConfigError(f"data.shards: resuming the stream: {self.order[self.place(k)]} no longer holds sample "
-                              f"{off} (the shards changed since the checkpoint); rerun with train.resume=false")
-        return [(r, got[r]) for r in self.refs]
-
-    def _read(self):
-        """(ref, sample) from the cursor on, endlessly."""
-        k, start, empty = self.cursor[0], self.cursor[1], 0
+    def _read(self, k: int, start: int):
+        """(ref, sample) from sample `start` of shard k on, endlessly."""
+        empty = 0
         while True:
             n = 0
             for off, sample in self._shard(k):
@@ -138,9 +122,18 @@ class SlotReader:
 
     def samples(self):
         """(ref, sample) out of the shuffle buffer: once it is full, each sample read takes the
-        place of a pick, which comes out."""
-        buffer = self._refill() if self.refs else []
-        for item in self._read():
+        place of a pick, which comes out. A resumed slot first reads again (without decoding)
+        from the oldest shard its buffer held up to its position, keeping the buffered samples."""
+        resume_at, want, got = self.cursor, set(self.refs), {}
+        buffer = None if want else []
+        start = (min(r[0] for r in want), 0) if want else resume_at
+        for item in self._read(*start):
+            if buffer is None:
+                if item[0] < resume_at:
+                    if item[0] in want:
+                        got[item[0]] = item
+                    continue
+                buffer = self._rebuilt(got)
             if self.size == 0:
                 yield item
                 continue
@@ -152,6 +145,15 @@ class SlotReader:
             out, buffer[i], self.refs[i] = buffer[i], item, item[0]
             self.draws += 1
             yield out
+
+    def _rebuilt(self, got: dict) -> list:
+        """The buffer as the checkpoint left it, from the samples read again."""
+        missing = [r for r in self.refs if r not in got]
+        if missing:
+            k, off = missing[0]
+            raise ConfigError(f"data.shards: resuming the stream: {self.order[self.place(k)]} no longer holds sample "
+                              f"{off} (the shards changed since the checkpoint); rerun with train.resume=false")
+        return [got[r] for r in self.refs]
 
     def position(self) -> dict:
         return {"shard": self.cursor[0], "offset": self.cursor[1], "draws": self.draws, "buffer": list(self.refs)}
