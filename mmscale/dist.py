@@ -14,9 +14,12 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
+
+from .placement import device_index, launcher_env, socket_interface
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -25,39 +28,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 NCCL_TIMEOUT_MARGIN_S = 60  # NCCL's own timeout sits this far above the heartbeat's (engine/watchdog.py)
-
-
-def launcher_env(env=os.environ) -> dict:
-    """What the process group needs from the launcher, as torchrun/deepspeed set it (RANK,
-    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Under a bare `srun` (SLURM_NTASKS tasks, no
-    torchrun) these come from SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS, the port from the job id
-    (every task computes the same one); a plain `python` run is one rank on this host."""
-    if "RANK" in env:
-        return {}
-    # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script's own `python` (where
-    # SLURM_PROCID=0 and SLURM_NTASKS are set too) stays a one-rank run instead of waiting for peers
-    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
-    if ntasks > 1 and "SLURM_PROCID" in env:
-        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 else None)
-        if addr is None:
-            raise RuntimeError(
-                f"srun started {ntasks} tasks on {nodes} nodes without torchrun: set MASTER_ADDR to the first "
-                "node (export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) or launch "
-                "through slurm/pretrain.sh")
-        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
-        return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-                "WORLD_SIZE": str(ntasks), "LOCAL_WORLD_SIZE": str(max(1, ntasks // nodes)),
-                "MASTER_ADDR": addr, "MASTER_PORT": port}
-    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": env.get("MASTER_PORT", str(_free_port()))}
 
 
 def set_group_timeouts(timeout_s: float) -> datetime.timedelta:
@@ -85,7 +56,11 @@ def init_distributed(timeout_s: float | None = None) -> None:
     os.environ.update(launcher_env())
     acc = get_accelerator()
     if acc.device_name() != "cpu":
-        acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        acc.set_device(device_index(int(os.environ.get("LOCAL_RANK", 0)), acc.device_count()))
+    chosen, line = socket_interface()
+    os.environ.update(chosen)
+    if line and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per host
+        print(f"mmscale: {socket.gethostname()}: {line}", file=sys.stderr, flush=True)
     kwargs = {}
     if timeout_s:
         nccl = set_group_timeouts(timeout_s)
@@ -278,6 +253,43 @@ def broadcast_object(value, src: int = 0):
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# a week: "no limit" for the waits of on_rank0 (the heartbeat, not this, notices a dead rank 0)
+PATIENT_TIMEOUT = datetime.timedelta(days=7)
+_patient_group = None  # (the default group it belongs to, the gloo group)
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run on rank 0 alone; its result (any picklable value) on every rank.
+
+    Host work on one rank (a scikit-learn probe, a checkpoint conversion, writing an export) can
+    outlast train.dist_timeout_s, the bound of every collective of the default group; waiting for
+    it there would end the run (gloo raises, NCCL aborts the job), and a conversion killed that
+    way starts over at every rerun. So the other ranks wait on a gloo group of their own whose
+    timeout is a week: what stops them waiting for a rank 0 that died is the heartbeat
+    (engine/watchdog.py), which names it within train.dist_timeout_s. An exception of fn is raised
+    on rank 0 as it is and on the others as a RuntimeError that quotes it."""
+    global _patient_group
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn(*args, **kwargs)
+    if _patient_group is None or _patient_group[0] is not dist.group.WORLD:  # (a new default group: a new one)
+        # every rank calls on_rank0 at the same point, so creating the group here is a collective
+        _patient_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT))
+    box, error = [None], None
+    if rank == 0:
+        try:
+            box = [("value", fn(*args, **kwargs))]
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait a week
+            error, box = e, [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0, group=_patient_group[1])
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 def all_gather_object(value) -> list:

@@ -8,12 +8,14 @@ default-group collective must be on that device, from every helper and from ever
 agreements use their own gloo group and must stay on the CPU.
 """
 import sys
+import time
 import types
 
 import pytest
 import torch
 
 import mmscale.dist as md
+from distributed import run_ranks
 
 META = torch.device("meta")
 
@@ -58,6 +60,8 @@ class Recorder(types.SimpleNamespace):
 
     def new_group(self, backend=None, **kwargs):
         return f"host-{backend}"
+
+    group = types.SimpleNamespace(WORLD="world")  # the default group, as dist.group.WORLD names it
 
     def is_available(self):
         return True
@@ -233,24 +237,6 @@ def test_the_comm_device_follows_the_backend(monkeypatch):
     assert md.comm_device() == torch.device("cpu")
 
 
-def test_srun_without_a_launcher_maps_slurm_variables():
-    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
-           "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": "12345", "MASTER_ADDR": "node0"}
-    got = md.launcher_env(env)
-    assert got == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "node0", "MASTER_PORT": str(20000 + 12345 % 20000)}
-    one_node = md.launcher_env({**env, "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": ""})
-    assert one_node["MASTER_ADDR"] == "127.0.0.1"
-    with pytest.raises(RuntimeError, match="MASTER_ADDR"):  # several nodes, nobody named rank 0's host
-        md.launcher_env({k: v for k, v in env.items() if k != "MASTER_ADDR"})
-    assert md.launcher_env({**env, "RANK": "0"}) == {}  # torchrun/deepspeed already set it
-    single = md.launcher_env({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"})
-    assert single["WORLD_SIZE"] == "1" and single["RANK"] == "0"
-    # a batch script's own python: SLURM_PROCID=0 and SLURM_NTASKS=8, but no srun step
-    batch = md.launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"})
-    assert batch["WORLD_SIZE"] == "1"
-
-
 def test_group_timeouts_reach_groups_created_without_one(monkeypatch):
     """DeepSpeed's data-parallel groups come from new_group() without a timeout: they must get
     train.dist_timeout_s (NCCL: a margin above it, so the heartbeat names a lost rank first)."""
@@ -284,3 +270,40 @@ def test_image_normalisation_constants_are_made_once_per_device():
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     expect = (images.float() / 255 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / a[1]
     assert torch.allclose(normalize_images(images), expect)
+
+
+# ---------------------------------------------------------------- host work on rank 0 alone
+
+def _rank0_outlasts_the_timeout(rank, world, timeout_s):
+    """Rank 0 works 2.5x the default group's timeout while the others wait: through on_rank0 every
+    rank gets the result; waiting in a default-group collective instead (broadcast_object, what the
+    linear probe and the universal conversion did) ends in gloo's timeout on the waiting rank."""
+    work = 2.5 * timeout_s
+
+    def slow(x):
+        time.sleep(work)
+        return {"value": x, "host": rank}
+
+    tic = time.monotonic()
+    assert md.on_rank0(slow, 7) == {"value": 7, "host": 0}
+    assert time.monotonic() - tic >= work - 0.5  # everyone waited for rank 0
+    def fail():
+        raise ValueError("bad probe")
+
+    # rank 0 raises its own error, every other rank hears of it (instead of waiting a week)
+    with pytest.raises(ValueError if rank == 0 else RuntimeError, match="bad probe"):
+        md.on_rank0(fail)
+    # the control: the same wait in the default group times out, so the case above is a real one
+    if rank == 0:
+        time.sleep(work)
+    with pytest.raises(RuntimeError):
+        md.broadcast_object("late")
+
+
+def test_rank0_work_longer_than_the_collective_timeout_completes():
+    run_ranks(_rank0_outlasts_the_timeout, 2, 2.0, timeout_s=2.0)
+
+
+def test_host_work_waits_on_its_own_gloo_group(comm):
+    assert md.on_rank0(lambda: 3) == 3
+    assert [(name, group) for name, _, group in comm.calls] == [("broadcast_object_list", "host-gloo")]

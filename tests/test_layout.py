@@ -15,7 +15,7 @@ PKG = os.path.join(ROOT, "mmscale")
 # Lower layers never import higher ones; modules of one layer may import each other (acyclically).
 LAYERS = [
     {"files", "config"},
-    {"dist"},
+    {"dist", "placement"},
     {"data"},
     {"models"},
     {"losses", "gradcache"},

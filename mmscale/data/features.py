@@ -4,7 +4,7 @@ CBMF trains only the projections, contexts and the Deep Fusion Encoder on top of
 so the towers' outputs are a fixed function of the samples. They are computed once, in eval mode
 without autograd and with the eval image transform, rows sharded over the ranks and
 all-gathered; rank 0 writes `<folder>/<split>-<fingerprint>.safetensors` atomically and the
-other ranks read it after a barrier. The fingerprint hashes everything the numbers depend on
+other ranks read it once rank 0 has written it. The fingerprint hashes everything the numbers depend on
 (tower configs and weights, feature mode, image size, max length, the samples' paths and
 captions), so a changed recipe or data set never reads a stale file; a rerun or a resume
 loads the file instead of running the towers again.
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from ..dist import barrier, broadcast_object, gather_rows, rank_and_world, shard_rows
+from ..dist import broadcast_object, gather_rows, on_rank0, rank_and_world, shard_rows
 from ..files import atomic_path
 from .images import CaptionDataset, Sample, image_transform, normalize_images
 from .stream import collate_images_labels
@@ -150,11 +150,12 @@ def cached_features(model, model_cfg, samples: list[Sample], split: str, folder:
     hit = broadcast_object(os.path.isfile(path))  # rank 0 decides: every rank takes the same branch
     if not hit:
         stored = compute_features(model, model_cfg, samples, device, batch_size)
-        if rank == 0:
+
+        def write():
             with atomic_path(path) as tmp:
                 save_file(stored, tmp, metadata={"split": split, "rows": str(len(samples)),
                                                  "seconds": f"{time.perf_counter() - tic:.1f}"})
-        barrier()
+        on_rank0(write)  # the others read the file once it is there
     if hit or rank != 0:
         stored = load_file(path)
     arrays, labels = expand(stored, [m.name for m in model_cfg.modalities])

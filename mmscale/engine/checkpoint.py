@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 
-from ..dist import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
+from ..dist import all_gather_object, any_rank, barrier, broadcast_object, on_rank0, rank_and_world
 from ..files import RunDir, atomic_write, atomic_write_json
 from .backend import base_optimizer, place_optimizer_state
 
@@ -198,20 +198,30 @@ def saved_world(folder: str) -> int | None:
 
 def to_universal(folder: str) -> str:
     """Converts a ZeRO checkpoint folder to DeepSpeed's universal format in folder + UNIVERSAL
-    (written under a temporary name, renamed when complete); returns that folder."""
+    (written under a temporary name, renamed when complete); returns that folder. A conversion
+    that was killed left only its temporary folder, which is removed: this one starts over and,
+    as nothing times it out (on_rank0), finishes."""
     from types import SimpleNamespace
     from deepspeed.checkpoint.ds_to_universal import main as convert
     out = folder + UNIVERSAL
     if os.path.isdir(out):
         return out
+    for stale in glob.glob(glob.escape(out) + ".tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     # inject_missing_state: our models carry no universal_checkpoint_info (no tensor parallelism
     # to describe); the converter then assumes plain data parallelism, which is what we run
     convert(SimpleNamespace(input_folder=folder, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
                             keep_temp_folder=False, strict=True, inject_missing_state=True))
     os.replace(tmp, out)
     return out
+
+
+def convert_once(folder: str, saved: int, world: int) -> str:
+    """to_universal with its one line (rank 0's part of prepare_resume)."""
+    print(f"mmscale: {folder} was written by {saved} ranks, this run has {world}: converting it to "
+          f"DeepSpeed's universal checkpoint", file=sys.stderr, flush=True)
+    return to_universal(folder)
 
 
 class Checkpointer:
@@ -255,18 +265,11 @@ class Checkpointer:
                 f"parameter groups (optim.weight_decay with decay_exclusions, layer_decay, lr_mult) does not resume "
                 f"exactly on another number of ranks with DeepSpeed's universal checkpoint; rerun on {saved} ranks",
                 NO_CHECKPOINT_EXIT)
-        error = None
-        if rank_and_world()[0] == 0:
-            print(f"mmscale: {folder} was written by {saved} ranks, this run has {world}: converting it to "
-                  f"DeepSpeed's universal checkpoint", file=sys.stderr, flush=True)
-            try:
-                to_universal(folder)
-            except Exception as e:  # every rank must hear of it, or the others wait at the barrier
-                error = f"{type(e).__name__}: {e}"
-        error = broadcast_object(error)
-        if error:
+        try:  # on rank 0, however long it takes: the others wait without a collective timeout
+            on_rank0(convert_once, folder, saved, world)
+        except Exception as e:  # noqa: BLE001 - on every rank (on_rank0 tells them all)
             raise RuntimeError(f"{folder}: cannot resume a {saved}-rank ZeRO checkpoint on {world} ranks: "
-                               f"DeepSpeed's universal conversion failed ({error}); rerun on {saved} ranks")
+                               f"DeepSpeed's universal conversion failed ({e}); rerun on {saved} ranks") from e
         self.load_tag = tag + UNIVERSAL
         return True
 
@@ -320,17 +323,18 @@ class Checkpointer:
         if errors:
             return self._failed(step, folder, errors[0], final)
         barrier()
-        if rank == 0:
-            names = sorted(d for d in os.listdir(self.run.checkpoints) if d != tag)
-            tags = [d for d in names if TAG.match(d)]
-            # older checkpoints past train.keep_checkpoints, and what a universal resume left
-            # (the converted copy, DeepSpeed's latest_universal pointer)
-            for name in tags[:max(0, len(tags) - (self.keep - 1))] + [d for d in names if "universal" in d]:
-                path = os.path.join(self.run.checkpoints, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-        barrier()
+        on_rank0(self._remove_old, tag)  # removing GBs from a slow file system may take a while
         self.last_tag = tag
         return True
+
+    def _remove_old(self, tag: str) -> None:
+        """Older checkpoints past train.keep_checkpoints, and what a universal resume left (the
+        converted copy, DeepSpeed's latest_universal pointer)."""
+        names = sorted(d for d in os.listdir(self.run.checkpoints) if d != tag)
+        tags = [d for d in names if TAG.match(d)]
+        for name in tags[:max(0, len(tags) - (self.keep - 1))] + [d for d in names if "universal" in d]:
+            path = os.path.join(self.run.checkpoints, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
     def _failed(self, step: int, folder: str, error: str, final: bool) -> bool:
         """A save failed on some rank: no partial folder, `latest` untouched, one line."""

@@ -19,7 +19,7 @@ import torch
 from ..config import Config, ConfigError, save_config
 from .backend import check_world
 from ..data.stream import to_device
-from ..dist import barrier, current_device, init_distributed, rank_and_world
+from ..dist import current_device, init_distributed, on_rank0, rank_and_world
 from ..export import save_export
 from ..export.openclip import blocker as open_clip_blocker
 from ..gradcache import check_exact
@@ -54,6 +54,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         self.run = RunDir(t.run_dir)
         self.logger = task.logger = MetricsLogger.for_run(self.run, self.rank)  # + tensorboard/
+        # from here on a lost rank is named, also while rank 0 alone converts a checkpoint (on_rank0)
+        self.watchdog = RankWatchdog(self.rank, self.world, t.dist_timeout_s,
+                                     on_lost=lambda line: self.logger.log({"event": "rank_lost", "message": line}))
+        self.watchdog.start()
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = task.build_model()
@@ -88,8 +92,6 @@ class Trainer:
         self.stop = StopSignals()
         self.sample_log = SampleLog(self.run.samples(self.rank) if t.sample_log else None)
         self.last_eval = (-1, {})  # (step, metrics) of the latest evaluation
-        self.watchdog = RankWatchdog(self.rank, self.world, t.dist_timeout_s,
-                                     on_lost=lambda line: self.logger.log({"event": "rank_lost", "message": line}))
 
     # ------------------------------------------------------------ one step
 
@@ -158,9 +160,7 @@ class Trainer:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
                                                enabled=self.cfg.train.zero_stage == 3), \
                 self._ema_weights(self.cfg.train.ema.export):
-            if self.rank == 0:
-                save_export(module, self.cfg, self.run.export)
-        barrier()
+            on_rank0(save_export, module, self.cfg, self.run.export)
 
     def _ema_weights(self, wanted: bool):
         """The model with the weight EMA in it (train.ema.evaluate / export), else as it is."""
@@ -169,7 +169,6 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        self.watchdog.start()
         try:
             return self._fit()
         except (TrainingError, CheckpointError):

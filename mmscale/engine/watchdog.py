@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ class RankWatchdog:
         self.stale_after = timeout_s  # a counter still this long names its rank (shorter once a collective failed)
         self._stop = threading.Event()
         self.thread = None
+        self.hosts: dict[int, str] = {}  # rank -> host name, read from the store once every rank wrote it
 
     def start(self) -> "RankWatchdog":
         store = store_client(timeout_s=max(2 * self.interval, 5.0))
@@ -65,9 +67,18 @@ class RankWatchdog:
     def _key(self, rank: int) -> str:
         return f"mmscale/alive/{rank}"
 
+    def _host_key(self, rank: int) -> str:
+        return f"mmscale/host/{rank}"
+
     def _beat(self, store) -> None:
+        try:  # which host each rank runs on, so a lost node is named (a store that fails now: _watch says so)
+            store.set(self._host_key(self.rank), socket.gethostname())
+        except Exception:  # noqa: BLE001
+            pass
         while not self._stop.wait(self.interval):
             try:
+                if not self.hosts and store.check([self._host_key(r) for r in self.last]):
+                    self.hosts = {r: store.get(self._host_key(r)).decode() for r in self.last}
                 store.add(self._key(self.rank), 1)
                 for r, (value, since) in list(self.last.items()):
                     seen = store.add(self._key(r), 0)
@@ -86,8 +97,13 @@ class RankWatchdog:
             stale = sorted(r for r, (_, since) in self.last.items() if now - since > self.stale_after)
             if stale:
                 idle = max(now - self.last[r][1] for r in stale)
-                self._lost(f"rank{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} stopped answering "
-                           f"(no heartbeat for {idle:.0f} s)")
+                self._lost(f"{self.describe(stale)} stopped answering (no heartbeat for {idle:.0f} s)")
+
+    def describe(self, ranks: list[int]) -> str:
+        """'ranks 2, 3 (on node2)': the ranks and the hosts they ran on, as they told the store."""
+        hosts = sorted({self.hosts[r] for r in ranks if r in self.hosts})
+        where = f" (on {', '.join(hosts)})" if hosts else ""
+        return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}{where}"
 
     def _lost(self, what: str) -> None:
         message = (f"mmscale: rank {self.rank}: {what} (train.dist_timeout_s={self.timeout:g}); exiting (code "

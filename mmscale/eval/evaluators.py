@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data.images import CaptionDataset, Sample, image_transform, normalize_images
 from ..data.stream import collate_images_labels, to_device
-from ..dist import broadcast_object, gather_rows, rank_and_world, shard_rows
+from ..dist import gather_rows, on_rank0, shard_rows
 from ..models.layers import eval_mode
 from .datasets import has_split, load_captions, load_classification, resolve_templates
 from .metrics import logistic_probe, recall_curve, retrieval_ranks, topk_accuracy
@@ -103,7 +103,7 @@ def retrieval_eval(model, files: list[str], captions: list[str], text_to_image: 
 def linear_probe_eval(model, path: str, image_size: int, device, dtype, max_per_class: int = 0,
                       heldout_fraction: float = 0.3, seed: int = 0, batch_size: int = 256) -> dict:
     """Probe on `path`'s train split scored on its test split; with one split only, a stratified
-    `heldout_fraction` of it is held out. The sklearn fit runs on rank 0 and is broadcast."""
+    `heldout_fraction` of it is held out. The sklearn fit runs on rank 0 and is handed to every rank."""
     if has_split(path, "train") and has_split(path, "test"):
         train, _ = load_classification(path, "train", max_per_class)
         test, _ = load_classification(path, "test", max_per_class)
@@ -114,10 +114,9 @@ def linear_probe_eval(model, path: str, image_size: int, device, dtype, max_per_
                                        stratify=[s.label for s in samples])
     train_x = embed_images(model, train, image_size, device, dtype, batch_size).cpu().numpy()
     test_x = embed_images(model, test, image_size, device, dtype, batch_size).cpu().numpy()
-    rank, _ = rank_and_world()
-    result = logistic_probe(train_x, np.array([s.label for s in train]), test_x, np.array([s.label for s in test]),
-                            seed=seed) if rank == 0 else None
-    return broadcast_object(result)
+    # the fit may outlast train.dist_timeout_s: the other ranks wait without a collective timeout
+    return on_rank0(logistic_probe, train_x, np.array([s.label for s in train]), test_x,
+                    np.array([s.label for s in test]), seed=seed)
 
 
 # ---------------------------------------------------------------- all configured evaluations

@@ -1,0 +1,180 @@
+"""A cluster of N nodes on one machine, for the multi-host tests.
+
+Each node is a Linux network namespace with one veth interface, `eth0`, on a private /24
+subnet; a switch namespace bridges the nodes' veth peers, so nodes reach each other and nothing
+else (the root namespace has no address on that subnet and no route into it). A process started
+on a node also gets a UTS namespace whose hostname is the node's name, an /etc/hosts in which
+that name resolves to 127.0.0.1 (the Debian and container default that breaks gloo's address
+choice; the other nodes' names resolve to their addresses, as cluster DNS gives them) and a
+private /tmp (a mount namespace with its own tmpfs). What the nodes share is the file system
+outside /tmp: the repository, its .venv and `cluster.shared`, the run folders' shared file system.
+
+Needs root and iproute2/util-linux (`ip`, `unshare`); `skip_reason()` says in one line why a test
+cannot run. Everything started on a node is killed, and the namespaces deleted, by `stop()` (the
+`cluster` fixture in test_multinode.py calls it whatever happened).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+
+PREFIX = "mms"  # namespace names: mms<id>-n1, mms<id>-n2, ..., mms<id>-sw
+
+
+def _run(*cmd, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {p.returncode}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def skip_reason() -> str | None:
+    """None when this machine can make namespaced nodes, else one line saying what is missing."""
+    if os.geteuid() != 0:
+        return "the simulated cluster needs root (network, UTS and mount namespaces)"
+    for tool in ("ip", "unshare", "mount", "hostname"):
+        if not shutil.which(tool):
+            return f"the simulated cluster needs `{tool}` (iproute2/util-linux; tools/setup.sh installs them as root)"
+    name = f"{PREFIX}probe{os.getpid()}"
+    try:
+        _run("ip", "netns", "add", name)
+        _run("ip", "link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
+        _run("ip", "link", "del", f"{name}a")
+        _run("ip", "netns", "exec", name, "unshare", "--uts", "--mount", "--propagation", "private", "true")
+    except (RuntimeError, OSError) as e:
+        return f"cannot make network namespaces with veth pairs here ({e})"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A 10.x.y.0/24 that no address or route of the root namespace or another namespace uses."""
+    used = _run("ip", "-o", "addr") + _run("ip", "route")
+    for ns in _run("ip", "netns", "list").split():
+        used += subprocess.run(["ip", "-n", ns, "-o", "addr"], capture_output=True, text=True).stdout
+    taken = [ipaddress.ip_network(w, strict=False) for w in used.split() if "/" in w and w[0].isdigit()
+             and ":" not in w]
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        net = ipaddress.ip_network(f"10.{rng.randrange(100, 250)}.{rng.randrange(0, 255)}.0/24")
+        if not any(net.overlaps(t) for t in taken):
+            return net
+    raise RuntimeError("no free 10.x.y.0/24 subnet for the simulated cluster")
+
+
+class Node:
+    def __init__(self, index: int, ns: str, addr: str, hosts: str):
+        self.index, self.ns, self.addr, self.hosts = index, ns, addr, hosts
+        self.name = f"node{index}"
+
+    def pids(self) -> list[int]:
+        """Every process in the node's network namespace (what a lost node takes down)."""
+        out = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill(self) -> None:
+        """kill -9 every process of the node, as a power loss would; returns once none is left."""
+        for _ in range(100):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: processes {self.pids()} survive kill -9")
+
+
+class Cluster:
+    def __init__(self, nodes: int = 2):
+        self.id = uuid.uuid4().hex[:6]
+        self.net = _free_subnet()
+        hosts = list(self.net.hosts())
+        # the shared file system: not under /tmp, which every node has its own of
+        self.shared = tempfile.mkdtemp(prefix=f"mmscale-cluster-{self.id}-", dir="/var/tmp")
+        self.switch = f"{PREFIX}{self.id}-sw"
+        self.nodes = [Node(i, f"{PREFIX}{self.id}-n{i}", str(hosts[i - 1]), os.path.join(self.shared, f".hosts{i}"))
+                      for i in range(1, nodes + 1)]
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> "Cluster":
+        try:
+            _run("ip", "netns", "add", self.switch)
+            _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _run("ip", "-n", self.switch, "link", "set", "br0", "up")
+            for node in self.nodes:
+                _run("ip", "netns", "add", node.ns)
+                peer = f"{PREFIX}{self.id}p{node.index}"
+                _run("ip", "link", "add", peer, "type", "veth", "peer", "name", f"{PREFIX}{self.id}e{node.index}")
+                _run("ip", "link", "set", peer, "netns", self.switch)
+                _run("ip", "link", "set", f"{PREFIX}{self.id}e{node.index}", "netns", node.ns)
+                _run("ip", "-n", node.ns, "link", "set", f"{PREFIX}{self.id}e{node.index}", "name", "eth0")
+                _run("ip", "-n", self.switch, "link", "set", peer, "master", "br0")
+                _run("ip", "-n", self.switch, "link", "set", peer, "up")
+                _run("ip", "-n", node.ns, "addr", "add", f"{node.addr}/{self.net.prefixlen}", "dev", "eth0")
+                _run("ip", "-n", node.ns, "link", "set", "eth0", "up")
+                _run("ip", "-n", node.ns, "link", "set", "lo", "up")
+                lines = ["127.0.0.1 localhost", f"127.0.0.1 {node.name}"]
+                lines += [f"{other.addr} {other.name}" for other in self.nodes if other is not node]
+                with open(node.hosts, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def popen(self, node: Node, cmd: list[str], env: dict | None = None, cwd: str | None = None,
+              log: str | None = None) -> subprocess.Popen:
+        """cmd on the node (own hostname, /etc/hosts, /tmp), in a session of its own; its output
+        goes to `log` (a file) or is captured (stdout and stderr together)."""
+        setup = ('hostname "$0" && mount --bind "$1" /etc/hosts && mount -t tmpfs -o size=2g tmpfs /tmp '
+                 '&& shift && exec "$@"')
+        full = ["ip", "netns", "exec", node.ns, "unshare", "--uts", "--mount", "--propagation", "private", "--",
+                "sh", "-c", setup, node.name, node.hosts, *cmd]
+        out = open(log, "w") if log else subprocess.PIPE
+        proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        if log:
+            out.close()
+        self.procs.append(proc)
+        return proc
+
+    def run(self, node: Node, cmd: list[str], timeout: float = 60, **kwargs) -> str:
+        proc = self.popen(node, cmd, **kwargs)
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{node.name}: {' '.join(cmd)} -> {proc.returncode}: {out}")
+        return out
+
+    def stop(self) -> None:
+        """Kill everything the nodes run, delete the namespaces and the shared folder."""
+        for node in self.nodes:
+            try:
+                node.kill()
+            except RuntimeError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.kill()
+                proc.communicate(timeout=10)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+        for ns in [n.ns for n in self.nodes] + [self.switch]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.shared, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
