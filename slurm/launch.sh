@@ -121,12 +121,35 @@ case $? in
   *) log "warning: could not load the recipe with $PY here; the workers will check it"; run_dir="(see the recipe)" ;;
 esac
 
+# every node's address as Slurm knows it, for torchrun's --local_addr (PET_LOCAL_ADDR) on that
+# node: without it, the first node's torchrun tells the workers of every node to reach it at its
+# fully qualified name, which is "localhost" on hosts whose /etc/hosts maps their own name to
+# 127.0.0.1 (Debian's and many images' default), and the other nodes' workers cannot start
+node_addrs=""
+if [ "$nnodes" -gt 1 ]; then
+  for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+    addr=$(scontrol show node -o "$node" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+    node_addrs+="$node=${addr:-$node} "
+  done
+fi
+export MMSCALE_NODE_ADDRS=$node_addrs MMSCALE_FIRST_NODE=$first
+
 # underscore spellings: accepted by every torchrun since 1.10
 train=("${prefix[@]}" "$PY" -m torch.distributed.run
   --nnodes="$nnodes" --nproc_per_node="$nproc"
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"
   --max_restarts=0
   mmscale/train.py "$recipe" "${overrides[@]}")
+# run on each node before torchrun (torchrun reads PET_<OPTION> for an option not given; a
+# user's own PET_ variables win): its own address, and whether it hosts the rendezvous store.
+# torchrun guesses the host by comparing the endpoint with the addresses its hostname resolves
+# to, which misses where the hostname resolves to 127.0.0.1: then no node serves the store
+on_node=(bash -c 'for pair in $MMSCALE_NODE_ADDRS; do
+  [ "${pair%%=*}" = "${SLURMD_NODENAME:-}" ] && export PET_LOCAL_ADDR=${PET_LOCAL_ADDR:-${pair#*=}}
+done
+host=false; [ "${SLURMD_NODENAME:-}" = "$MMSCALE_FIRST_NODE" ] && host=true
+export PET_RDZV_CONF=${PET_RDZV_CONF:-is_host=$host}
+exec "$@"' mmscale-node)
 srun_cmd=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
 [ -n "$cpus" ] && srun_cmd+=(--cpus-per-task="$cpus")  # srun no longer inherits it (22.05+)
 [ "$nnodes" -gt 1 ] && srun_cmd+=(--label)
@@ -140,7 +163,7 @@ fi
 
 if [ -z "$stop" ]; then
   log "${srun_cmd[*]} ${train[*]}"
-  "${srun_cmd[@]}" "${train[@]}" &
+  "${srun_cmd[@]}" "${on_node[@]}" "${train[@]}" &
   srun_pid=$!
   rc=0
   # `wait` returns early whenever a trapped signal arrives; keep waiting for srun itself
@@ -163,7 +186,19 @@ fi
 # USR1 is the only stop this script is asked to turn into a requeue (75, the engine's
 # "stopped at a checkpoint", reaches here only from launchers that pass exit codes through);
 # after Slurm's own SIGTERM, Slurm decides (a requeue or preemption requeues, scancel ends)
-if [ "$stop" = USR1 ] || { [ "$rc" -eq 75 ] && [ "$stop" != TERM ]; }; then
+# A lost node (power, kernel, network): the ranks left name it and exit 69, torchrun reports 1.
+# Tell it from a crash by asking every node of the allocation to run a step: a node that cannot
+# is lost, and the job is requeued to resume from checkpoints/latest on nodes that work. When
+# every node answers, the failure was the code's: the job ends, without a requeue loop.
+lost_node=""
+if [ "$rc" -ne 0 ] && [ -z "$stop" ] && [ "$nnodes" -gt 1 ]; then
+  if ! timeout "${MMSCALE_NODE_CHECK_TIMEOUT:-60}" srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+      "${srun_extra[@]}" true >/dev/null 2>&1; then
+    lost_node=1
+    log "a node of this allocation no longer runs a step: it was lost"
+  fi
+fi
+if [ "$stop" = USR1 ] || [ -n "$lost_node" ] || { [ "$rc" -eq 75 ] && [ "$stop" != TERM ]; }; then
   log "requeueing job $SLURM_JOB_ID; it resumes from $run_dir/checkpoints/$(cat "$run_dir/checkpoints/latest" 2>/dev/null || echo '(none yet)')"
   scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed (the job needs --requeue); resubmit the same command to resume"
   exit 0

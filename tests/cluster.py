@@ -39,7 +39,7 @@ def skip_reason() -> str | None:
     """None when this machine can make namespaced nodes, else one line saying what is missing."""
     if os.geteuid() != 0:
         return "the simulated cluster needs root (network, UTS and mount namespaces)"
-    for tool in ("ip", "unshare", "mount", "hostname"):
+    for tool in ("ip", "unshare", "nsenter", "mount", "hostname"):
         if not shutil.which(tool):
             return f"the simulated cluster needs `{tool}` (iproute2/util-linux; tools/setup.sh installs them as root)"
     name = f"{PREFIX}probe{os.getpid()}"
@@ -47,7 +47,8 @@ def skip_reason() -> str | None:
         _run("ip", "netns", "add", name)
         _run("ip", "link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
         _run("ip", "link", "del", f"{name}a")
-        _run("ip", "netns", "exec", name, "unshare", "--uts", "--mount", "--propagation", "private", "true")
+        _run("unshare", "--uts", "--mount", "--propagation", "private", "--", "nsenter", f"--net=/run/netns/{name}",
+             "--", "true")
     except (RuntimeError, OSError) as e:
         return f"cannot make network namespaces with veth pairs here ({e})"
     finally:
@@ -102,6 +103,7 @@ class Cluster:
         hosts = list(self.net.hosts())
         # the shared file system: not under /tmp, which every node has its own of
         self.shared = tempfile.mkdtemp(prefix=f"mmscale-cluster-{self.id}-", dir="/var/tmp")
+        os.chmod(self.shared, 0o755)  # munged wants every folder above its socket searchable
         self.switch = f"{PREFIX}{self.id}-sw"
         self.nodes = [Node(i, f"{PREFIX}{self.id}-n{i}", str(hosts[i - 1]), os.path.join(self.shared, f".hosts{i}"))
                       for i in range(1, nodes + 1)]
@@ -139,8 +141,10 @@ class Cluster:
         goes to `log` (a file) or is captured (stdout and stderr together)."""
         setup = ('hostname "$0" && mount --bind "$1" /etc/hosts && mount -t tmpfs -o size=2g tmpfs /tmp '
                  '&& shift && exec "$@"')
-        full = ["ip", "netns", "exec", node.ns, "unshare", "--uts", "--mount", "--propagation", "private", "--",
-                "sh", "-c", setup, node.name, node.hosts, *cmd]
+        # nsenter --net rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup
+        # (slurmd stops without it)
+        full = ["unshare", "--uts", "--mount", "--propagation", "private", "--",
+                "nsenter", f"--net=/run/netns/{node.ns}", "--", "sh", "-c", setup, node.name, node.hosts, *cmd]
         out = open(log, "w") if log else subprocess.PIPE
         proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)

@@ -41,13 +41,14 @@ def fp32_master(run_dir, tag, stage, name="logit_scale.log_value"):
 
 # ---------------------------------------------------------------- runs
 
-def launch(run_dir, *overrides, recipe="recipes/tiny.yaml", ranks=1, env=None):
+def launch(run_dir, *overrides, recipe="recipes/tiny.yaml", ranks=1, env=None, script="mmscale/train.py"):
     """`mmscale/train.py RECIPE train.run_dir=RUN_DIR OVERRIDES` as a user starts it: plain python
     on one rank, torchrun on more. Output captured (stdout and stderr together); the launcher gets
-    a session of its own, so kill_tree can take down every worker."""
-    cmd = [PY, "mmscale/train.py"] if ranks == 1 else [
+    a session of its own, so kill_tree can take down every worker. `script`: another entry point
+    that ends in mmscale.train.main (a test's instrumented one)."""
+    cmd = [PY, script] if ranks == 1 else [
         PY, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-        "mmscale/train.py"]
+        script]
     cmd += [recipe, f"train.run_dir={run_dir}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                                                **(env or {})},

@@ -7,6 +7,8 @@ default-group collective must be on that device, from every helper and from ever
 (the train state, the skip counter, evaluation gathers, the feature cache, the losses). Host-side
 agreements use their own gloo group and must stay on the CPU.
 """
+import importlib
+import pkgutil
 import sys
 import time
 import types
@@ -14,6 +16,7 @@ import types
 import pytest
 import torch
 
+import mmscale
 import mmscale.dist as md
 from distributed import run_ranks
 
@@ -109,6 +112,10 @@ def comm(monkeypatch):
     monkeypatch.setattr(md, "_to_comm", lambda t: t if t.device == META else ToMeta.apply(t))
     monkeypatch.setattr(md, "_back", lambda t, device: t if torch.device(device) == META else FromMeta.apply(t, device))
     world = lambda: (0, 2)  # noqa: E731
+    # every module first, so that none imports rank_and_world while it is patched and keeps the fake
+    for info in pkgutil.walk_packages(mmscale.__path__, "mmscale."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
     for name, module in list(sys.modules.items()):  # every module that imported rank_and_world by name
         if name.startswith("mmscale") and getattr(module, "rank_and_world", None) is md.__dict__["rank_and_world"]:
             monkeypatch.setattr(module, "rank_and_world", world)

@@ -404,3 +404,22 @@ def test_export_rebuilds_offline_and_reproduces_eval(tmp_path):
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     metrics = ClipTask(cfg).evaluate(model.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16)
     assert metrics["zeroshot/top1"] == pytest.approx(results["zeroshot/top1"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_rank0_host_work_longer_than_the_collective_timeout_completes(tmp_path):
+    """train.dist_timeout_s=10 bounds every collective; rank 0 alone then converts a 1-rank
+    checkpoint for 2 ranks and fits a linear probe, each slowed to 15 s (tests/slow_rank0.py)
+    while rank 1 waits. Waiting in a default-group collective, rank 1 timed out (and a conversion
+    killed so started over at every rerun); waiting through dist.on_rank0, the run completes and
+    the universal checkpoint is made once."""
+    run, probe = str(tmp_path / "run"), str(tmp_path / "cls")
+    write_digit_files(probe, "imagefolder", n=200)
+    over = ["train.dist_timeout_s=10", "train.log_every=1", "train.checkpoint_every=2", "eval.zeroshot=false",
+            "train.export=false", f"eval.linear_probe={{digits: {probe}}}"]
+    finish(launch(run, *over, "train.steps=2", ranks=1))
+    out = finish(launch(run, *over, "train.steps=4", ranks=2, script="tests/slow_rank0.py",
+                        env={"MMSCALE_TEST_SLOW_S": "15"}), timeout=900)
+    assert out.count("was written by 1 ranks, this run has 2") == 1, out[-3000:]
+    results = json.load(open(os.path.join(run, "results.json")))
+    assert results["step"] == 4 and 0 <= results["linear_probe/digits/top1"] <= 1, results

@@ -24,6 +24,13 @@
 #                                120). Keep it above KillWait, or a requeued job can meet its
 #                                own previous processes on the node, which drains the node.
 #   MMSCALE_SLURM_PARTITION      partition name (debug)
+#   MMSCALE_SLURM_NODE_ADDRS     "node1=10.0.0.1 node2=10.0.0.2": nodes that are hosts of their
+#                                own (tests/cluster.py's network namespaces), each with its name
+#                                as hostname and its address; slurmctld runs on the first
+#   MMSCALE_SLURM_DAEMONS        1 (default): start slurmctld and the slurmds here; 0: write the
+#                                configuration and start munged only, the caller starts
+#                                `slurmctld -D -c -f $SLURM_CONF` and `slurmd -D -N NAME -f
+#                                $SLURM_CONF` on the nodes (where this host cannot reach them)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 STATE=${MMSCALE_SLURM_DIR:-/tmp/mmscale-slurm}
@@ -36,6 +43,9 @@ PORT=${MMSCALE_SLURM_PORT:-16817}
 KILL_WAIT=${MMSCALE_SLURM_KILL_WAIT:-10}
 CRED_EXPIRE=${MMSCALE_SLURM_REQUEUE_DELAY:-$((KILL_WAIT + 5))}
 PARTITION=${MMSCALE_SLURM_PARTITION:-debug}
+NODE_ADDRS=${MMSCALE_SLURM_NODE_ADDRS:-}
+DAEMONS=${MMSCALE_SLURM_DAEMONS:-1}
+[ -n "$NODE_ADDRS" ] && NODES=$(wc -w <<<"$NODE_ADDRS")
 MEM_MB=$(awk -v n="$NODES" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)
 export SLURM_CONF=$STATE/etc/slurm.conf
 
@@ -60,8 +70,15 @@ chmod 400 "$STATE/munge/key/munge.key"
 /usr/sbin/munged --force --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/key/munge.key" \
   --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" --seed-file="$STATE/munge/key/munged.seed"
 
-if [ "$NODES" -eq 1 ]; then names=("$HOST"); else names=(); for i in $(seq 1 "$NODES"); do names+=("$HOST-$i"); done; fi
-sed -e "s|@HOST@|$HOST|g" -e "s|@STATE@|$STATE|g" -e "s|@CTLD_PORT@|$PORT|g" \
+# nodes: NAME -> (hostname, address); on this host unless MMSCALE_SLURM_NODE_ADDRS gives them their own
+names=(); hosts=(); addrs=()
+if [ -n "$NODE_ADDRS" ]; then
+  for pair in $NODE_ADDRS; do names+=("${pair%%=*}"); hosts+=("${pair%%=*}"); addrs+=("${pair#*=}"); done
+elif [ "$NODES" -eq 1 ]; then names=("$HOST"); hosts=("$HOST"); addrs=(127.0.0.1)
+else for i in $(seq 1 "$NODES"); do names+=("$HOST-$i"); hosts+=("$HOST"); addrs+=(127.0.0.1); done
+fi
+CTLD="${hosts[0]}(${addrs[0]})"
+sed -e "s|@CTLD@|$CTLD|g" -e "s|@STATE@|$STATE|g" -e "s|@CTLD_PORT@|$PORT|g" \
     -e "s|@KILL_WAIT@|$KILL_WAIT|g" -e "s|@CRED_EXPIRE@|$CRED_EXPIRE|g" "$HERE/slurm.conf.in" >"$SLURM_CONF"
 # GPUs as device files that are not GPUs (a gres/gpu without File= is reported as 0 by
 # slurmd 22.05 and the node becomes invalid)
@@ -73,7 +90,8 @@ spare=(/dev/null /dev/zero /dev/full /dev/random /dev/urandom)
 k=0
 for n in "${!names[@]}"; do
   name=${names[$n]}
-  echo "NodeName=$name NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT + 1 + n)) CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN" >>"$SLURM_CONF"
+  mkdir -p "$STATE/slurmd/$name"
+  echo "NodeName=$name NodeHostname=${hosts[$n]} NodeAddr=${addrs[$n]} Port=$((PORT + 1 + n)) CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN" >>"$SLURM_CONF"
   for _ in $(seq 1 "$GPUS"); do
     dev=$STATE/dev/gpu$k
     mknod "$dev" c 1 3 2>/dev/null || dev=${spare[$k]:?at most 5 placeholder GPUs where mknod is not allowed}
@@ -84,6 +102,11 @@ done
 nodelist=$(IFS=,; echo "${names[*]}")
 echo "PartitionName=$PARTITION Nodes=$nodelist Default=YES MaxTime=INFINITE State=UP" >>"$SLURM_CONF"
 
+echo "export SLURM_CONF=$SLURM_CONF" >"$STATE/env.sh"
+if [ "$DAEMONS" = 0 ]; then
+  echo "slurm/local/start.sh: configuration for ${names[*]} in $SLURM_CONF, munged running; start slurmctld and the slurmds on the nodes"
+  exit 0
+fi
 /usr/sbin/slurmctld -c -f "$SLURM_CONF"   # -c: no state from an earlier run
 for name in "${names[@]}"; do
   /usr/sbin/slurmd -N "$name" -f "$SLURM_CONF"
@@ -104,6 +127,5 @@ if ! ready; then
   tail -n 20 "$STATE"/log/*.log >&2 || true
   exit 1
 fi
-echo "export SLURM_CONF=$SLURM_CONF" >"$STATE/env.sh"
 echo "slurm/local/start.sh: cluster mmscale-local up: $nodelist ($CPUS CPUs, $GPUS placeholder GPUs each), partition $PARTITION"
 echo "export SLURM_CONF=$SLURM_CONF"
