@@ -104,11 +104,12 @@ run_dir=$("${prefix[@]}" "$PY" -c '
 import sys
 try:
     from mmscale import config
+    from mmscale.engine.backend import check_world
 except Exception as e:
     sys.exit(f"cannot import mmscale here ({e})")
 try:
     cfg = config.load_config(sys.argv[2], sys.argv[3:])
-    config.check_world(cfg, int(sys.argv[1]))
+    check_world(cfg, int(sys.argv[1]))
     print(cfg.train.run_dir)
 except config.ConfigError as e:
     print(f"mmscale: config error: {e}", file=sys.stderr)

@@ -71,6 +71,32 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError("no free 10.x.y.0/24 subnet for the simulated cluster")
 
 
+def reap_stale() -> None:
+    """The namespaces and folders of clusters whose test process is gone (killed before its
+    teardown): their processes killed, their namespaces deleted."""
+    import glob
+    for folder in glob.glob("/var/tmp/mmscale-cluster-*"):
+        try:
+            with open(os.path.join(folder, "owner.pid")) as f:
+                os.kill(int(f.read()), 0)
+            continue  # its owner is alive
+        except FileNotFoundError:
+            if time.time() - os.path.getmtime(folder) < 3600:
+                continue  # being made right now
+        except (OSError, ValueError):
+            pass
+        cid = os.path.basename(folder).split("-")[2]
+        for ns in _run("ip", "netns", "list", check=False).split():
+            if ns.startswith(f"{PREFIX}{cid}-"):
+                for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Node:
     def __init__(self, index: int, ns: str, addr: str, hosts: str):
         self.index, self.ns, self.addr, self.hosts = index, ns, addr, hosts
@@ -104,12 +130,15 @@ class Cluster:
         # the shared file system: not under /tmp, which every node has its own of
         self.shared = tempfile.mkdtemp(prefix=f"mmscale-cluster-{self.id}-", dir="/var/tmp")
         os.chmod(self.shared, 0o755)  # munged wants every folder above its socket searchable
+        with open(os.path.join(self.shared, "owner.pid"), "w") as f:  # see reap_stale
+            f.write(str(os.getpid()))
         self.switch = f"{PREFIX}{self.id}-sw"
         self.nodes = [Node(i, f"{PREFIX}{self.id}-n{i}", str(hosts[i - 1]), os.path.join(self.shared, f".hosts{i}"))
                       for i in range(1, nodes + 1)]
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> "Cluster":
+        reap_stale()
         try:
             _run("ip", "netns", "add", self.switch)
             _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
