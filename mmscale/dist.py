@@ -61,6 +61,11 @@ def init_distributed(timeout_s: float | None = None) -> None:
     os.environ.update(chosen)
     if line and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per host
         print(f"mmscale: {socket.gethostname()}: {line}", file=sys.stderr, flush=True)
+    if acc.device_name() == "cpu":
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce for inference at its first
+        # start (a minute of C++ on a fresh machine, CI's included); training never calls it
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     kwargs = {}
     if timeout_s:
         nccl = set_group_timeouts(timeout_s)
