@@ -170,7 +170,7 @@ for label, text in open_clip_lines(r):
   [ "$DRY" = 1 ] && echo "- versions: (not read in a dry run)" || echo "- versions: $("$PY" -c 'import sys, torch; v=[f"python {sys.version.split()[0]}", f"torch {torch.__version__}", f"CUDA {torch.version.cuda}"]
 for m in ("deepspeed", "open_clip", "transformers", "timm"):
     try: v.append(f"{m} {__import__(m).__version__}")
-    except Exception as e: v.append(f"{m} missing")
+    except Exception as e: v.append(f"{m} missing ({type(e).__name__}: {e})")
 print(", ".join(v))' 2>&1 | tail -n 1)"
   echo "- command: bash tools/gpu_check.sh $ARGS; steps' limits $TOTAL s of a $BUDGET s budget, $((SECONDS - STARTED)) s taken"
   echo
