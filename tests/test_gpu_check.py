@@ -66,6 +66,8 @@ def test_dry_run_plans_commands_the_tools_accept(tmp_path):
     assert sorted(os.listdir(out)) == ["log.txt", "report.md", "vs_open_clip.json"]
     report = (out / "report.md").read_text()
     assert "| gpu-tests | 75 | dry-run |" in report and f"| total | {sum(limits)} |" in report
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in report.splitlines() if line.startswith("| ")}
+    assert all(len(rows[name][4]) > 40 for name in STEPS)  # each step says what it proves
     first = report.split("\n- date")[0]
     assert ("mmscale / open_clip's model in a bare torch loop = 0.97" in first and "mmscale / open_clip = 1.30" in first
             and "its data wait 1.2% of its step time with 10 loader workers" in first), first

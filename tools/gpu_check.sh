@@ -5,25 +5,8 @@
 #   bash tools/gpu_check.sh --dry-run OUT [WHEELS]       # the plan: each step's command, limit and the total
 #   bash tools/gpu_check.sh --only NAME[,NAME] OUT [WHEELS]   # only the steps whose names start so
 #
-# The steps, in the order in which a failure teaches most, and what each proves:
-#   install-wheels, install-deepspeed  the packages the image lacks install from WHEELS alone into
-#       a private folder (MMSCALE_GPU_SITE), DeepSpeed from its sdist with no compiled ops, and import
-#       (skipped where they already import); torch, transformers, timm stay the image's
-#   gpu-tests      tests/test_gpu.py but the compiled case, in parallel (pytest-xdist): bf16 training
-#       under ZeRO 0/2/3 for both tower families, the gradient cache against the plain step in bf16,
-#       the temperature clamp in bf16's fp32 master weights; 2 NCCL ranks where there are 2 GPUs
-#   cmla-b256-plain, cmla-b256-cached  CMLA's architecture at full size (recipes/cmla_random.yaml,
-#       ViT-B/16 + BERT-base, bf16, ZeRO 0) runs its real step at global batch 256, plain and
-#       gradient-cached (chunk 128): speed, phase split, peak memory, FLOP/sample and MFU
-#   cmla-b4096-cached  the gradient cache at global batch 4096 on one GPU (32 chunks of 128): memory
-#       stays one chunk's, time grows with the batch
-#   vs-open-clip   the same model as open_clip's ViT-B-16 (batch 256, bf16): mmscale's step against
-#       open_clip's model, ClipLoss and fused AdamW in a bare loop, alternated step by step on this
-#       GPU (the ratio the report leads with), and against open_clip's own trainer with enough loader
-#       workers that its data wait stays under 5% of its step (the fraction is printed)
-#   compiled-test, cmla-b256-compiled  inductor's Triton kernels give eager's gradients (plain and
-#       cached), and the compiled CMLA step's speed; last, as compilation is the slowest and the least
-#       likely to be needed to read the rest
+# The steps run in the order in which a failure teaches most; PROVES below says what each proves
+# (the report's table repeats it).
 # Each step runs under tools/gpu_step.py: its own limit, and no process it started outlives it (the
 # tests' training launches start sessions of their own, which timeout(1) would leave running). The
 # limits add up to MMSCALE_GPU_CHECK_S (420 s); a step that fails or runs out is marked so and the
@@ -56,12 +39,22 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MO
 LOG=$OUT/log.txt
 : >"$LOG"
 
-# every step and its limit (s), in running order; the limits add up to the budget
+# every step, its limit (s) and what it proves, in running order; the limits add up to the budget
 STEP_NAMES=(install-wheels install-deepspeed gpu-tests cmla-b256-plain cmla-b256-cached cmla-b4096-cached
             vs-open-clip compiled-test cmla-b256-compiled)
 declare -A LIMIT=([install-wheels]=15 [install-deepspeed]=45 [gpu-tests]=75 [cmla-b256-plain]=40
                   [cmla-b256-cached]=35 [cmla-b4096-cached]=50 [vs-open-clip]=70 [compiled-test]=35
                   [cmla-b256-compiled]=55)
+declare -A PROVES=(
+  [install-wheels]="what the image lacks installs from WHEELS alone, into a private folder; the image's torch, transformers and timm stay"
+  [install-deepspeed]="DeepSpeed's sdist builds where CUDA is visible, with no compiled ops (DS_BUILD_OPS=0)"
+  [gpu-tests]="tests/test_gpu.py but the compiled case, on xdist workers: bf16 training under ZeRO 0/2/3 for both tower families, the gradient cache equal to the plain step in bf16, the temperature clamp in bf16's fp32 master; 2 NCCL ranks where there are 2 GPUs"
+  [cmla-b256-plain]="CMLA at full size (ViT-B/16 + BERT-base, bf16, ZeRO 0) runs its real step at batch 256: speed, phase split, peak memory, FLOP/sample, MFU"
+  [cmla-b256-cached]="the gradient-cached step (chunk 128) at the same batch: its cost against the plain step"
+  [cmla-b4096-cached]="the cache at batch 4096 on one GPU (32 chunks): memory stays one chunk's, time grows with the batch"
+  [vs-open-clip]="open_clip's ViT-B-16 at batch 256, bf16: mmscale's step against open_clip's model, ClipLoss and fused AdamW in a bare loop alternated step by step on this GPU (the headline), and against its trainer with 10 loader workers (its data wait printed; under 5% keeps it fair)"
+  [compiled-test]="inductor's Triton kernels give eager's gradients, plain and gradient-cached (1e-4)"
+  [cmla-b256-compiled]="the compiled CMLA step's speed; last, as compilation is the slowest step and nothing else needs it")
 BUDGET=${MMSCALE_GPU_CHECK_S:-420}
 TOTAL=0
 for s in "${STEP_NAMES[@]}"; do TOTAL=$((TOTAL + LIMIT[$s])); done
@@ -69,7 +62,7 @@ if [ "$TOTAL" -gt "$BUDGET" ]; then
   echo "gpu_check: the steps' limits add up to $TOTAL s, over the $BUDGET s budget" >&2; exit 2
 fi
 FAILED=0
-STEPS=()  # "name|limit|rc|seconds|command" per step, for the report
+STEPS=()  # "name|limit|rc|seconds|command" per step, for the report (| never occurs in a command)
 STARTED=$SECONDS
 
 selected() {  # selected NAME: whether --only (a comma list of name prefixes) takes this step
@@ -174,14 +167,14 @@ for m in ("deepspeed", "open_clip", "transformers", "timm"):
 print(", ".join(v))' 2>&1 | tail -n 1)"
   echo "- command: bash tools/gpu_check.sh $ARGS; steps' limits $TOTAL s of a $BUDGET s budget, $((SECONDS - STARTED)) s taken"
   echo
-  echo "| step | limit (s) | exit | seconds | command |"
-  echo "| --- | --- | --- | --- | --- |"
+  echo "| step | limit (s) | exit | seconds | proves | command |"
+  echo "| --- | --- | --- | --- | --- | --- |"
   for s in "${STEPS[@]}"; do
     IFS='|' read -r name limit rc secs cmd <<<"$s"
     case "$rc" in 0) rc="0 ok";; 124) rc="124 timed out";; esac
-    echo "| $name | $limit | $rc | $secs | \`${cmd//$OUT/OUT}\` |"
+    echo "| $name | $limit | $rc | $secs | ${PROVES[$name]} | \`${cmd//$OUT/OUT}\` |"
   done
-  echo "| total | $TOTAL | $FAILED failed | $((SECONDS - STARTED)) | |"
+  echo "| total | $TOTAL | $FAILED failed | $((SECONDS - STARTED)) | | |"
   echo
   grep -E '^=+ .*(passed|failed|skipped|error).* in [0-9.]+s' "$LOG" | sed 's/^=* */GPU tests: /; s/ =*$//'
   echo
