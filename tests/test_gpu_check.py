@@ -2,7 +2,7 @@
 window (every step under tools/gpu_step.py with its limit, the limits adding up to 420 s) with
 commands its tools accept (bench options and recipe overrides validated, each batch within its
 data, the GPU tests split between two steps with none lost), at most 8 files under OUT; and
-gpu_step.py leaves no process behind, at its limit or after the command ends."""
+gpu_step.py leaves no process (nor temporary file) behind, at its limit or after the command ends."""
 import json
 import os
 import shlex
@@ -91,7 +91,8 @@ def _alive(pid: int) -> bool:
 
 # a step's command whose processes escape a process-group kill, as the GPU tests' do: a child in a
 # session of its own (a training launch) with a child of its own (a loader worker), and a daemon
-# whose parent exits at once (orphaned); it writes their pids, then sleeps or exits with code 3
+# whose parent exits at once (orphaned); it writes their pids and its temporary folder, leaves a
+# file there, then sleeps or exits with code 3
 ESCAPING = """
 import os, subprocess, sys, time
 launch = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
@@ -100,7 +101,9 @@ launch = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; 
 worker = launch.stdout.readline().strip()
 daemon = subprocess.run(["setsid", "sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], capture_output=True,
                         text=True).stdout.strip()
-open(sys.argv[1], "w").write(f"{launch.pid} {worker} {daemon}")
+import tempfile
+open(tempfile.mkstemp()[1], "w").write("a step's temporary file")
+open(sys.argv[1], "w").write(f"{launch.pid} {worker} {daemon} {tempfile.gettempdir()}")
 time.sleep(300) if sys.argv[2] == "hang" else sys.exit(3)
 """
 
@@ -110,11 +113,13 @@ def _run_step(tmp_path, limit, how):
     tic = time.time()
     proc = subprocess.run([sys.executable, "tools/gpu_step.py", str(limit), sys.executable, "-c", ESCAPING,
                            str(pids), how], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    started = [int(p) for p in pids.read_text().split()]
-    assert len(started) == 3
+    *started, tmp = pids.read_text().split()
+    started = [int(p) for p in started]
+    assert len(started) == 3 and os.path.basename(tmp).startswith("gpu-step-")  # the step's own TMPDIR
     deadline = time.time() + 10  # a zombie the runner missed would go to init, which reaps it
     while any(map(_alive, started)) and time.time() < deadline:
         time.sleep(0.1)
+    assert not os.path.exists(tmp)  # removed with the step
     return proc, started, time.time() - tic
 
 

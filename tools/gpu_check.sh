@@ -7,8 +7,9 @@
 #
 # The steps run in the order in which a failure teaches most; PROVES below says what each proves
 # (the report's table repeats it).
-# Each step runs under tools/gpu_step.py: its own limit, and no process it started outlives it (the
-# tests' training launches start sessions of their own, which timeout(1) would leave running). The
+# Each step runs under tools/gpu_step.py: its own limit, and no process it started (the tests'
+# training launches start sessions of their own, which timeout(1) would leave running) nor any of
+# its temporary files outlives it. The
 # limits add up to MMSCALE_GPU_CHECK_S (420 s); a step that fails or runs out is marked so and the
 # next one still runs. OUT/report.md: the headline ratio, device, driver, versions, one row per
 # step, the GPU tests' summary, the bench table; OUT/log.txt: every command's output; one JSON per

@@ -9,16 +9,20 @@ that daemonizes. So this runner makes itself the step's child subreaper (Linux p
 PR_SET_CHILD_SUBREAPER): every process below it, including one whose parent died first, stays
 below it. At the limit all of them get SIGKILL (no grace: a SIGTERM would have a training run
 checkpoint into the next step's time) and the exit code is 124, as timeout(1)'s; when the command
-ends first, whatever it left running is killed too and named on stderr. Exit: the command's code
-(128 + N for a signal N), 124 when it ran out of time.
+ends first, whatever it left running is killed too and named on stderr. The step's temporary files
+go with it: the command runs with TMPDIR set to a folder of its own (pytest's tmp_path, the bench's
+run folders, pip's build folders), removed after. Exit: the command's code (128 + N for a signal
+N), 124 when it ran out of time.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -88,14 +92,22 @@ def kill_all() -> dict[int, str]:
 
 def run(limit: float, command: list[str]) -> int:
     become_subreaper()
+    tmp = tempfile.mkdtemp(prefix="gpu-step-")
+    try:
+        return _run(limit, command, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _run(limit: float, command: list[str], tmp: str) -> int:
     def on_signal(signum, frame):  # the whole check interrupted: the step's processes go with it
         kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(128 + signum)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     try:
-        proc = subprocess.Popen(command)
+        proc = subprocess.Popen(command, env={**os.environ, "TMPDIR": tmp})
     except OSError as e:
         print(f"gpu_step: cannot start {command[0]}: {e}", file=sys.stderr)
         return 127
