@@ -56,8 +56,14 @@ def launch(run_dir, *overrides, recipe="recipes/tiny.yaml", ranks=1, env=None, s
 
 
 def finish(proc, timeout=300, code=0) -> str:
-    """Waits for a launched run; its output, after checking its exit code."""
-    out, _ = proc.communicate(timeout=timeout)
+    """Waits for a launched run; its output, after checking its exit code. A run still going at
+    the timeout is killed with its workers (its own session would outlive the test otherwise)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"the run did not end in {timeout} s; killed with its workers:\n{out[-3000:]}") from None
     assert proc.returncode == code, out[-3000:]
     return out
 

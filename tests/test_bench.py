@@ -51,6 +51,9 @@ def test_bench_against_open_clips_trainer(tmp_path):
               "--steps", "1", "--split-steps", "1", "--no-flops", "--synthetic")
     assert r["open_clip"]["samples_per_s"] > 0 and r["vs_open_clip"] > 0
     assert "open_clip_train.main" in r["open_clip"]["command"] and "--model ViT-S-32-alt" in r["open_clip"]["command"]
+    # the share of its step open_clip's trainer waited on its loader, read from its own log lines
+    assert r["open_clip"]["workers"] == 1 and "--workers 1" in r["open_clip"]["command"]
+    assert 0 <= r["open_clip"]["data_fraction"] < 1
     assert r["attention"]["image"] == "torch nn.MultiheadAttention (SDPA inside)"
     assert list(r["split_s"])[:4] == ["forward", "loss", "backward", "optimizer"]  # no gradient cache
     # --table puts the ratio in the row
@@ -60,8 +63,10 @@ def test_bench_against_open_clips_trainer(tmp_path):
     bare = r["vs_bare_open_clip"]  # open_clip's model in a bare loop, alternated with mmscale's step
     assert bare["steps"] == 1 and bare["bare_samples_per_s"] > 0 and bare["ratio"] > 0
     assert bare["ratio"] == pytest.approx(bare["mmscale_samples_per_s"] / bare["bare_samples_per_s"])
-    assert head.endswith("| open_clip trainer samples/s | mmscale / open_clip | mmscale / bare open_clip loop, interleaved |")
-    assert row.endswith(f"| {r['open_clip']['samples_per_s']:.3f} | {r['vs_open_clip']:.2f} | {bare['ratio']:.2f} |")
+    assert head.endswith("| open_clip trainer samples/s | its data wait / step | mmscale / open_clip "
+                         "| mmscale / bare open_clip loop, interleaved |")
+    assert row.endswith(f"| {r['open_clip']['samples_per_s']:.3f} | {r['open_clip']['data_fraction']:.1%} "
+                        f"| {r['vs_open_clip']:.2f} | {bare['ratio']:.2f} |")
 
 
 def test_the_read_count_is_of_reads_on_the_steps_device():

@@ -2,6 +2,7 @@
 step under ZeRO 0, 2 and 3 for timm + transformers and for open_clip towers, the gradient cache
 against the plain step in bf16, compiled against eager, the temperature clamp in bf16, and with
 2+ GPUs the tiny recipe on 2 NCCL ranks logging, evaluating, checkpointing and resuming on 1."""
+import importlib.util
 import math
 import os
 
@@ -12,6 +13,11 @@ from conftest import ROOT
 from helpers import OPEN_CLIP_TOWERS, finish, fp32_master, launch, records
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# what a GPU or its image may lack, each case skipped with the reason
+BF16 = pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False),
+                          reason="needs a GPU with native bf16 (compute capability 8.0+)")
+TRITON = pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("triton") is None,
+                            reason="inductor's GPU kernels need Triton, which this torch lacks")
 
 TOWERS = {"timm_hf": [], "open_clip": OPEN_CLIP_TOWERS}
 
@@ -21,6 +27,7 @@ def train(run_dir, *overrides, gpus=1, timeout=600):
     return finish(launch(run_dir, *overrides, ranks=gpus, env={"OMP_NUM_THREADS": "2"}), timeout=timeout)
 
 
+@BF16
 @pytest.mark.parametrize("stage", [0, 2, 3])
 @pytest.mark.parametrize("towers", sorted(TOWERS))
 def test_bf16_step_under_zero(stage, towers, tmp_path):
@@ -66,6 +73,7 @@ def _relative_error(a: dict, b: dict) -> float:
     return float(num / sum((b[k] ** 2).sum() for k in b) ** 0.5)
 
 
+@BF16
 def test_gradient_cache_in_bf16_matches_the_plain_bf16_step():
     """Same global batch (32 rows, chunks of 8) with bf16 weights and activations. Each chunk's
     matmuls round to bf16 (8-bit mantissa, 2^-8 ~ 4e-3 relative per op) in another order than
@@ -78,6 +86,7 @@ def test_gradient_cache_in_bf16_matches_the_plain_bf16_step():
     assert _relative_error(cached32, plain32) < 1e-4
 
 
+@TRITON
 def test_compiled_matches_eager_on_the_gpu():
     """inductor (Triton kernels) against eager, fp32, plain and gradient-cached: 1e-4 relative
     (TF32 stays off by default for matmuls in torch; the difference is fusion order)."""
@@ -88,6 +97,7 @@ def test_compiled_matches_eager_on_the_gpu():
     assert _relative_error(comp_cached, eager_cached) < 1e-4
 
 
+@BF16
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_temperature_clamp_under_bf16(stage, tmp_path):
     run_dir = str(tmp_path / "run")
@@ -98,6 +108,7 @@ def test_temperature_clamp_under_bf16(stage, tmp_path):
     assert math.log(100) - 0.05 < master.item() <= math.log(100) + 1e-6
 
 
+@BF16
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_ranks_log_evaluate_checkpoint_and_resume_on_one(tmp_path):
     run_dir = str(tmp_path / "run")

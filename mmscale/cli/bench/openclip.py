@@ -30,7 +30,9 @@ def open_clip_overrides(model: str) -> list[str]:
 
 
 def open_clip_rate(model: str, batch: int, precision: str, steps: int, warmup: int, workers: int) -> dict:
-    """samples/s of open_clip's own trainer on synthetic data, from its per-step log lines."""
+    """samples/s of open_clip's own trainer on synthetic data, from its per-step log lines, and the
+    share of its step time spent waiting for its loader (its `workers` build every image with PIL:
+    with too few, the trainer measures its loader, not its step)."""
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[precision]
     with tempfile.TemporaryDirectory() as logs:
         cmd = [sys.executable, "-m", "open_clip_train.main", "--dataset-type", "synthetic", "--model", model,
@@ -42,11 +44,15 @@ def open_clip_rate(model: str, batch: int, precision: str, steps: int, warmup: i
         out = proc.stdout + proc.stderr
         if proc.returncode != 0:
             raise SystemExit(f"bench: open_clip's trainer failed ({proc.returncode}): {' '.join(cmd)}\n{out[-2000:]}")
-    # "Batch (t): 12.759, 0.313507/s, 0.313507/s/gpu": the step's own rate (the time is a running mean)
-    rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, [\d.e+-]+/s, ([\d.e+-]+)/s/gpu", out)]
-    timed = rates[warmup:] or rates
-    return {"command": " ".join(cmd), "samples_per_s": len(timed) / sum(1 / r for r in timed) if timed else None,
-            "steps_logged": len(rates), "wall_s": round(time.time() - tic, 1)}
+    # "Data (t): 0.001 Batch (t): 12.759, 0.313507/s, 0.313507/s/gpu": logged every step, its meters
+    # reset after each line, so these are the step's own loader wait and time (batch includes data)
+    lines = re.findall(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+), [\d.e+-]+/s, ([\d.e+-]+)/s/gpu", out)
+    timed = lines[warmup:] or lines
+    waited, took = sum(float(d) for d, _, _ in timed), sum(float(b) for _, b, _ in timed)
+    return {"command": " ".join(cmd), "workers": workers,
+            "samples_per_s": len(timed) / sum(1 / float(r) for _, _, r in timed) if timed else None,
+            "data_fraction": waited / took if took else None,
+            "steps_logged": len(lines), "wall_s": round(time.time() - tic, 1)}
 
 
 def interleaved_vs_bare_open_clip(model: str, trainer, batch: dict, precision: str, steps: int) -> dict:
