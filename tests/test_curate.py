@@ -25,10 +25,11 @@ def curate_cli(*args) -> int:
 
 # ---------------------------------------------------------------- the index
 
-@pytest.mark.parametrize("radius", [0, 3, 8])
-def test_near_pairs_are_every_pair_within_the_radius(radius):
-    """Multi-index hashing finds exactly the pairs brute force finds (self-join and queries),
-    on random hashes with planted neighbours at every distance up to radius + 2."""
+@pytest.mark.parametrize("radius,substrings", [(0, [1]), (3, [2, 3, 4]), (8, [3, 5, 9])])
+def test_near_pairs_are_every_pair_within_the_radius(radius, substrings):
+    """Multi-index hashing finds exactly the pairs brute force finds (self-join and queries), with
+    any number of substrings, on random hashes with planted neighbours at every distance up to
+    radius + 2."""
     rng = np.random.default_rng(radius)
     base = rng.integers(0, 2 ** 64, 3000, dtype=np.uint64, endpoint=False)
     near = base[rng.integers(0, 3000, 600)].copy()
@@ -36,10 +37,12 @@ def test_near_pairs_are_every_pair_within_the_radius(radius):
         for bit in rng.choice(64, rng.integers(0, radius + 3), replace=False):
             near[i] ^= np.uint64(1) << np.uint64(bit)
     hashes = np.concatenate([base, near, base[:20]])  # and identical ones
-    pairs = near_pairs(hashes, radius)
-    assert np.array_equal(pairs, brute_force_pairs(hashes, radius)) and len(pairs) > 100
+    expected = brute_force_pairs(hashes, radius)
+    assert len(expected) > 100
     queries = np.concatenate([near[:200], rng.integers(0, 2 ** 63, 200, dtype=np.uint64)])
-    assert np.array_equal(near_pairs(queries, radius, hashes), brute_force_pairs(queries, radius, hashes))
+    for m in [None] + substrings:  # the default, r + 1 (exact substrings), fewer (r // m bits flipped)
+        assert np.array_equal(near_pairs(hashes, radius, m=m), expected), m
+        assert np.array_equal(near_pairs(queries, radius, hashes, m=m), brute_force_pairs(queries, radius, hashes)), m
 
 
 def test_greedy_keep_keeps_one_of_each_group_by_priority():
@@ -287,3 +290,54 @@ def test_clip_scores_filter_exactly_and_a_caption_mismatch_scores_lower(trained_
     assert np.flatnonzero(kept).tolist() == sorted(top.tolist())
     assert kept[:40].sum() > kept[40:].sum()  # what the filter keeps is mostly the true pairs
 
+
+
+@pytest.mark.slow
+def test_open_clip_local_dir_scores_alike_in_one_process_and_on_two_ranks(planted, tmp_path):
+    """An open_clip `local-dir:` folder scores every pair as open_clip itself does; the same command
+    under torchrun on 2 ranks (each hashing and scoring its own shards) gives the same verdicts,
+    scores and output shards as one process."""
+    import subprocess
+    import open_clip
+    from conftest import PY, free_port
+    from helpers import OPEN_CLIP_TOWERS
+    from mmscale.config import load_config
+    from mmscale.export.openclip import save_open_clip
+    from mmscale.models import build_model
+    _, train, *_ = planted
+    pairs = train[:50] + [(f"copy{i}", *train[i][1:]) for i in range(3)]
+    write_pair_shards(str(tmp_path / "in"), pairs, per_shard=10)
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), [*OPEN_CLIP_TOWERS, "model.heads.enabled=false"],
+                      check_files=False)
+    spec = "local-dir:" + save_open_clip(build_model(cfg).eval(), str(tmp_path / "oc"))
+    args = ["--clip-model", spec, "--shard-size", 20, "--batch-size", 8]
+    assert curate_cli(tmp_path / "in", tmp_path / "one", *args) == 0
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    tokenizer = open_clip.get_tokenizer(spec)
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for _, _, d, _ in pairs])
+        theirs = torch.nn.functional.cosine_similarity(model.encode_image(images),
+                                                       model.encode_text(tokenizer([c for *_, c in pairs])))
+    one = pd.read_parquet(tmp_path / "one" / "_meta" / "curation.parquet")
+    np.testing.assert_allclose(one["clip_score"].to_numpy(), theirs.numpy(), atol=1e-5)
+    assert one["verdict"].tolist() == ["kept"] * 50 + ["exact_duplicate"] * 3
+
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "tools/curate.py", str(tmp_path / "in"), str(tmp_path / "two"), *map(str, args)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "scored 3/3 shards on rank 1" in r.stderr and "scored 3/3 shards on rank 0" in r.stderr  # 6 shards, 2 ranks
+    two = pd.read_parquet(tmp_path / "two" / "_meta" / "curation.parquet")
+    assert two.drop(columns="clip_score").equals(one.drop(columns="clip_score"))
+    np.testing.assert_allclose(two["clip_score"].to_numpy(), one["clip_score"].to_numpy(), atol=1e-6)
+    assert (tmp_path / "two" / "_meta" / "shards.json").read_text().replace("two", "one") == \
+        (tmp_path / "one" / "_meta" / "shards.json").read_text()
+    import tarfile
+
+    def members(path):  # (name, bytes) in order: the tar headers carry the write time
+        with tarfile.open(path) as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar]
+    for shard in ("00000.tar", "00001.tar", "00002.tar"):
+        assert members(tmp_path / "two" / shard) == members(tmp_path / "one" / shard)

@@ -309,8 +309,7 @@ def _brief(e: Exception) -> str:
 
 
 def _worker_zero() -> bool:
-    """Rank 0's first loader worker (or its main process without workers): who prints a dropped
-    shard's line, once per epoch (workers start afresh each epoch)."""
+    """Rank 0's first loader worker (or its main process): who prints a dropped shard's line."""
     from torch.utils.data import get_worker_info
     info = get_worker_info()
     return rank_and_world()[0] == 0 and (info is None or info.id == 0)
@@ -321,11 +320,9 @@ class ShardDataset(KeyedDataset):
     index, so the exact, resumable BatchStream works on shards as on folders.
 
     Only the shards found whole at start-up are indexed (readable_shards). A shard that breaks
-    later (a read error) is marked broken in this process, and a shard whose images do not decode
-    (a sample fails and so do the UNDECODABLE_PROBES samples spread over it: a verdict that
-    depends on the file alone, so every process and every resumed run reaches it) is dropped,
-    with one line naming it and its samples; every draw of a sample of either is replaced by
-    another sample (KeyedDataset) and counted as skipped, and the run goes on."""
+    later (a read error) is marked broken in this process; one whose images do not decode is
+    dropped with one line (_drops: a verdict of the file alone, the same in every process and
+    resumed run). Each draw of their samples is replaced (KeyedDataset) and counted as skipped."""
 
     def __init__(self, folder: str | list[str], transform, on_bad_shard: str = "drop"):
         """folder: one build_shards folder, or several (data.sources) laid end to end in that order;
@@ -399,24 +396,22 @@ class ShardDataset(KeyedDataset):
 
     def _drops(self, k: int) -> bool:
         """Whether shard k, one of whose samples did not decode, is dropped: none of the samples
-        spread over it decodes either. Decided once per process; the line printed once an epoch."""
+        spread over it decodes either (decided once per process, so once per epoch in workers)."""
         if k not in self.undecodable:
-            shard, first = self.shardlist[k], self.starts[k]
-            n = shard["nsamples"]
-            offsets = sorted({round(p * (n - 1) / max(1, UNDECODABLE_PROBES - 1)) for p in range(min(n, UNDECODABLE_PROBES))})
-            errors = []
-            for off in offsets:
+            n, errors = self.shardlist[k]["nsamples"], []
+            for off in sorted({p * (n - 1) // (UNDECODABLE_PROBES - 1) for p in range(UNDECODABLE_PROBES)}):
                 try:
-                    self._decode(self._dataset()[first + off])
+                    self._decode(self._read(self.starts[k] + off))
                     break
                 except (OSError, ValueError) as e:
                     errors.append(e)
             else:
-                folder = os.path.dirname(os.path.dirname(self.shardlist[k]["url"]))
+                url = self.shardlist[k]["url"]  # named with its folder: data.sources has several
                 self.undecodable[k] = (
-                    f"data.shards: {os.path.relpath(shard['url'], folder)} does not decode (none of {len(offsets)} "
-                    f"samples spread over it does: {_brief(errors[0])}): dropped for the epoch, its {n} samples are lost (each "
-                    f"draw of one is replaced by another sample and counted in skipped_samples)")
+                    f"data.shards: {os.path.join(os.path.basename(os.path.dirname(url)), os.path.basename(url))} does "
+                    f"not decode (none of {len(errors)} samples spread over it does: {_brief(errors[0])}): dropped for "
+                    f"the epoch, its {n} samples are lost (each draw of one is replaced by another sample and counted "
+                    f"in skipped_samples)")
                 if _worker_zero():
                     print(f"mmscale: {self.undecodable[k]}", file=sys.stderr, flush=True)
             self.undecodable.setdefault(k, None)

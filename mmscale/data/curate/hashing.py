@@ -12,17 +12,15 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# pHash reads a 32 x 32 grey copy of the image: JPEGs are decoded straight to at least 64 px a side
-# (libjpeg's DCT scaling, 1/2 to 1/8), 2-3x faster than a full decode, and the same copy at any
-# stored size lands within 4 bits of its original (docs/DATA.md measures both)
-DRAFT_SIDE = 64
 
 
 def phash64(image: Image.Image) -> int:
-    """imagehash's pHash (the DCT's 8 x 8 lowest frequencies against their median) as a 64-bit
-    integer, row-major, most significant bit first; decodes the image (OSError if it cannot)."""
+    """imagehash's pHash (the DCT's 8 x 8 lowest frequencies of a 32 x 32 grey copy, against their
+    median) as a 64-bit integer, row-major, most significant bit first; decodes the image (OSError
+    if it cannot). The image is decoded in full: libjpeg's scaled decoding (Image.draft) is faster
+    on large JPEGs, but copies of one photo at different sizes then go through different decoding
+    paths and land further apart (up to 4 bits instead of 2 on COCO-MINI)."""
     import imagehash
-    image.draft("L", (DRAFT_SIDE, DRAFT_SIDE))  # JPEG only; other formats ignore it
     bits = imagehash.phash(image).hash.ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
@@ -31,7 +29,7 @@ def image_hashes(data: bytes) -> tuple[str, int, int]:
     """(content hash, pHash, pixels) of an encoded image; OSError / ValueError when it does not
     decode. The content hash is BLAKE2b-128 of the bytes: identical files, whatever their name."""
     image = Image.open(io.BytesIO(data))
-    pixels = image.width * image.height  # the stored size: the header's, before draft scaling
+    pixels = image.width * image.height
     return hashlib.blake2b(data, digest_size=16).hexdigest(), phash64(image), pixels
 
 

@@ -2,48 +2,88 @@
 instead of comparing all pairs, and the greedy choice of which near duplicates to keep.
 
 Multi-index hashing (Norouzi, Punjani and Fleet, "Fast search in Hamming space with multi-index
-hashing", CVPR 2012) by the pigeonhole principle: cut the 64 bits into r + 1 disjoint substrings;
-two hashes at most r bits apart differ in at most r substrings, so at least one substring is
-equal. The candidates of a hash are the hashes that share one of its substrings exactly (a sorted
-array and a binary search per substring); each candidate is then checked with one XOR and a
-popcount. Nothing within r is missed, and `brute_force_pairs` (every pair) checks that.
+hashing", CVPR 2012) by the pigeonhole principle: cut the 64 bits into m disjoint substrings; two
+hashes at most r bits apart differ in at most r bits over the m substrings together, so in one
+substring they differ in at most floor(r / m) bits. The candidates of a hash are the hashes whose
+substring equals one of its own with at most that many bits flipped (a lookup per flip pattern in
+a table of the sorted substrings); each candidate is then checked with one XOR and a popcount.
+Nothing within r is missed, and `brute_force_pairs` (every pair) checks that.
 
-Why this and not faiss: faiss-cpu's binary indexes (IndexBinaryMultiHash implements the same idea)
-are a 30 MB compiled dependency for what is a sort and a search in numpy here, and the radius search
-needs the exact pigeonhole guarantee, which this gives by construction. Its cost: with N hashes
-and substrings of b = 64 / (r + 1) bits, a hash meets about (r + 1) N / 2^b candidates, so the
-search stays near-linear while 2^b is near N or above (r <= 3 at 1M hashes: 16-bit substrings);
-at r = 4-7 the candidates grow as N^2 / 2^b, which docs/DATA.md measures at 1M hashes.
+m trades lookups against candidates: m = r + 1 needs one lookup per substring, but substrings of
+64 / (r + 1) bits put N / 2^(64 / (r + 1)) hashes in each bucket, so the candidates grow as N^2;
+fewer, longer substrings need more flip patterns but meet almost only true neighbours. `pieces`
+picks the m of least estimated work for N and r (Norouzi et al. find m near 64 / log2 N best).
+
+Why this and not faiss: faiss-cpu's IndexBinaryMultiHash implements the same idea, but it is a
+30 MB compiled dependency for what is a sort, a table and a gather in numpy here, and the radius
+search must not miss a pair, which the pigeonhole bound gives by construction.
 """
 from __future__ import annotations
+
+from itertools import combinations
+from math import comb
 
 import numpy as np
 
 CHUNK_CANDIDATES = 4_000_000  # candidate pairs checked at a time (memory: ~100 MB of index arrays)
+TABLE_BITS = 25  # substrings up to this long are looked up in a table of 2^bits bucket starts
 
 
-def substrings(radius: int) -> list[tuple[int, int]]:
-    """(shift, bits) of the radius + 1 disjoint substrings of 64 bits, as even as they come."""
-    m = radius + 1
+def substrings(m: int) -> list[tuple[int, int]]:
+    """(shift, bits) of m disjoint substrings of 64 bits, as even as they come."""
     sizes = [64 // m + (1 if k < 64 % m else 0) for k in range(m)]
     return [(sum(sizes[:k]), sizes[k]) for k in range(m)]
 
 
-def _candidates(ka: np.ndarray, kb: np.ndarray, self_join: bool):
-    """Chunks of (i, j): every pair with ka[i] == kb[j] (i < j when a and b are one set)."""
-    order = np.argsort(kb, kind="stable")
-    sorted_b = kb[order]
-    lo = np.searchsorted(sorted_b, ka, "left")
-    counts = np.searchsorted(sorted_b, ka, "right") - lo
+def pieces(n: int, radius: int) -> int:
+    """The number of substrings with the least estimated work for n hashes: per hash, the flip
+    patterns looked up (sum of C(b, k), k <= r // m) times (one lookup + the n / 2^b candidates
+    each finds)."""
+    def work(m):
+        b = 64 // m
+        return m * sum(comb(b, k) for k in range(radius // m + 1)) * (1 + n / 2 ** b)
+    return min(range(1, min(radius, 63) + 2), key=work)
+
+
+def _flips(bits: int, within: int) -> np.ndarray:
+    """Every `bits`-bit pattern with at most `within` ones."""
+    return np.array([sum(1 << i for i in ones) for k in range(within + 1) for ones in combinations(range(bits), k)],
+                    dtype=np.uint64)
+
+
+class _Buckets:
+    """The hashes of one substring, sorted, with each key's first position and count."""
+
+    def __init__(self, keys: np.ndarray, bits: int):
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = keys[self.order]
+        self.table = None
+        if bits <= TABLE_BITS:  # direct addressing: one gather per lookup instead of a binary search
+            self.table = np.concatenate([[0], np.cumsum(np.bincount(keys.astype(np.int64), minlength=2 ** bits))])
+
+    def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.table is not None:
+            q = queries.astype(np.int64)
+            lo = self.table[q]
+            return lo, self.table[q + 1] - lo
+        lo = np.searchsorted(self.sorted, queries, "left")
+        return lo, np.searchsorted(self.sorted, queries, "right") - lo
+
+
+def _candidates(queries: np.ndarray, buckets: _Buckets, self_join: bool):
+    """Chunks of (i, j) with queries[i] == the substring of hash j (i < j when one set)."""
+    lo, counts = buckets.find(queries)
+    rows_with = np.flatnonzero(counts)
+    lo, counts = lo[rows_with], counts[rows_with]
     ends = np.cumsum(counts)
     start = 0
-    while start < len(ka):
-        # as many rows of a as keep the chunk's candidates under the cap (at least one row)
+    while start < len(rows_with):
+        # as many rows as keep the chunk's candidates under the cap (at least one row)
         stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + CHUNK_CANDIDATES, "right")))
         c = counts[start:stop]
-        rows = np.repeat(np.arange(start, stop), c)
+        rows = np.repeat(rows_with[start:stop], c)
         within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
-        cols = order[np.repeat(lo[start:stop], c) + within]
+        cols = buckets.order[np.repeat(lo[start:stop], c) + within]
         if self_join:
             keep = rows < cols
             rows, cols = rows[keep], cols[keep]
@@ -51,30 +91,32 @@ def _candidates(ka: np.ndarray, kb: np.ndarray, self_join: bool):
         start = stop
 
 
-def near_pairs(a: np.ndarray, radius: int, b: np.ndarray | None = None) -> np.ndarray:
+def near_pairs(a: np.ndarray, radius: int, b: np.ndarray | None = None, m: int | None = None) -> np.ndarray:
     """[P, 2] int64 (i, j) with popcount(a[i] ^ x[j]) <= radius, x = b, or x = a with i < j; each
-    pair once, sorted. a, b: uint64 arrays."""
+    pair once, sorted. a, b: uint64 arrays. m: the substrings (default: `pieces`)."""
     a = np.asarray(a, dtype=np.uint64)
     x = a if b is None else np.asarray(b, dtype=np.uint64)
     if radius < 0 or not len(a) or not len(x):
         return np.zeros((0, 2), dtype=np.int64)
-    if radius >= 63:  # every substring would be a bit or less: all pairs are candidates anyway
-        return brute_force_pairs(a, radius, b)
+    m = m or pieces(len(x), radius)
     found = []
-    for shift, bits in substrings(radius):
+    for shift, bits in substrings(m):
         mask = np.uint64((1 << bits) - 1)
         ka, kx = (a >> np.uint64(shift)) & mask, (x >> np.uint64(shift)) & mask
-        for rows, cols in _candidates(ka, kx, b is None):
-            close = np.bitwise_count(a[rows] ^ x[cols]) <= radius
-            found.append(rows[close] * len(x) + cols[close])  # one int per pair: np.unique dedups
+        buckets = _Buckets(kx, bits)
+        for flip in _flips(bits, radius // m):
+            for rows, cols in _candidates(ka ^ flip, buckets, b is None):
+                close = np.bitwise_count(a[rows] ^ x[cols]) <= radius
+                found.append(rows[close] * len(x) + cols[close])  # one int per pair: np.unique dedups
     codes = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
     return np.stack([codes // len(x), codes % len(x)], axis=1).astype(np.int64)
 
 
-def brute_force_pairs(a: np.ndarray, radius: int, b: np.ndarray | None = None, block: int = 2048) -> np.ndarray:
+def brute_force_pairs(a: np.ndarray, radius: int, b: np.ndarray | None = None) -> np.ndarray:
     """near_pairs by comparing every pair (the baseline of the tests and the benchmark)."""
     a = np.asarray(a, dtype=np.uint64)
     x = a if b is None else np.asarray(b, dtype=np.uint64)
+    block = max(1, 2 ** 22 // max(1, len(x)))  # rows at a time: 4M comparisons, 32 MB
     out = []
     for start in range(0, len(a), block):
         d = np.bitwise_count(a[start:start + block, None] ^ x[None, :])
