@@ -181,6 +181,7 @@ def test_caption_duplicates_are_optional_and_bad_input_is_one_line(planted, tmp_
         ((tmp_path / "in", tmp_path / "o5", "--decontaminate", f"x={tmp_path / 'nowhere.json'}"), "--decontaminate x="),
         ((tmp_path / "in", tmp_path / "o6", "--clip-threshold", 0.1), "need --clip-model"),
         ((tmp_path / "bad", tmp_path / "o7"), "nothing is kept: every one of the 2 samples was dropped"),
+        ((tmp_path / "in", tmp_path / "bad"), "holds .tar files that mmscale-curate did not write"),
     ]:
         assert curate_cli(*args) == 2, args
         err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("curate: hashed ")]

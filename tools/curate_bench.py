@@ -70,7 +70,7 @@ def distances(files: list[str], others: list[str]) -> None:
 
 
 def search(n: int, radii: list[int], sample: int, seed: int = 0) -> None:
-    from mmscale.data.curate.neardup import brute_force_pairs, greedy_keep, near_pairs
+    from mmscale.data.curate.neardup import brute_force_pairs, greedy_keep, near_pairs, pieces
     rng = np.random.default_rng(seed)
     hashes = rng.integers(0, 2 ** 64, n, dtype=np.uint64, endpoint=False)
     # a tenth are near copies of other rows: 0 to 4 bits flipped (the same bit twice flips back)
@@ -85,6 +85,11 @@ def search(n: int, radii: list[int], sample: int, seed: int = 0) -> None:
         tic = time.process_time()
         pairs = near_pairs(hashes, r)
         t_mih = time.process_time() - tic
+        exact = ""
+        if r + 1 != pieces(n, r) and r <= 4:  # the plain scheme: r + 1 substrings, each looked up as it is
+            tic = time.process_time()
+            near_pairs(hashes, r, m=r + 1)
+            exact = f" ({pieces(n, r)} substrings; {r + 1} exact ones: {time.process_time() - tic:.1f} s)"
         tic = time.process_time()
         greedy_keep(hashes, np.arange(n), r)
         t_keep = time.process_time() - tic
@@ -98,7 +103,8 @@ def search(n: int, radii: list[int], sample: int, seed: int = 0) -> None:
         want = {(int(queries[q]), int(j)) for q, j in brute}
         assert got == want, f"radius {r}: multi-index hashing and brute force disagree"
         scaled = t_brute * (n / 2) / sample  # every pair once: n (n - 1) / 2 comparisons
-        print(f"near duplicates at {n:,} hashes, radius {r}: multi-index hashing {t_mih:.1f} s ({len(pairs):,} pairs), "
+        print(f"near duplicates at {n:,} hashes, radius {r}: multi-index hashing {t_mih:.1f} s ({len(pairs):,} pairs)"
+              f"{exact}, "
               f"greedy keep {t_keep:.1f} s; brute force {t_brute:.1f} s for {sample:,} rows x {n:,} -> "
               f"{scaled:,.0f} s for all pairs ({scaled / t_mih:,.0f}x); same pairs for the sampled rows")
 
@@ -115,7 +121,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     import imagehash
     import PIL
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}, "
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+    print(f"{cpu}, {os.cpu_count()} cores; numpy {np.__version__}, "
           f"Pillow {PIL.__version__}, imagehash {imagehash.__version__}")
     files = sorted(glob.glob(os.path.join(a.images, "**", "*.jpg"), recursive=True))
     if files:

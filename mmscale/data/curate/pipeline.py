@@ -75,8 +75,9 @@ def input_shards(folder: str) -> list[dict]:
 
 
 def _stamp(path: str) -> str:
+    """What a work file derived from `path` is valid for: that file, at that size and time."""
     st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _write_table(path: str, columns: dict, meta: dict) -> None:
@@ -229,9 +230,13 @@ def curate(in_dir: str, out_dir: str, opts: CurateOptions, eval_sets: list[EvalS
     shards = input_shards(in_dir)
     rank, world = rank_and_world()
     work = os.path.join(out_dir, WORK)
+    if glob.glob(os.path.join(out_dir, "*.tar")) and not os.path.isfile(os.path.join(work, "plan.json")):
+        raise CurateError(f"{out_dir}: holds .tar files that mmscale-curate did not write; give a new or empty folder")
+    barrier()  # every rank has looked before rank 0 tidies
     if rank == 0:  # what a killed run left half-written (atomic_path's temporaries)
-        for tmp in glob.glob(os.path.join(out_dir, "*.tmp*")) + glob.glob(os.path.join(work, "*", "*.tmp*")):
-            os.remove(tmp)
+        for folder in (out_dir, os.path.join(out_dir, META), work, os.path.join(work, "*")):
+            for tmp in glob.glob(os.path.join(folder, "*.tmp*")):
+                os.remove(tmp)
     barrier()
     tic = time.perf_counter()
     mine = list(range(rank, len(shards), world))
