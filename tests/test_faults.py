@@ -94,6 +94,25 @@ def test_a_shard_whose_images_do_not_decode_is_dropped_with_one_line(tmp_path, c
     assert all(torch.equal(again[i][0], items[i][0]) and again[i][1:] == items[i][1:] for i in range(30))
 
 
+def test_data_with_next_to_nothing_readable_is_one_line_also_from_a_loader_worker(tmp_path):
+    """When none of the 65 candidates of a draw reads, the error is one line (exit 2 in training),
+    also when a loader worker raised it (torch re-raises it around the worker's traceback)."""
+    from torch.utils.data import DataLoader
+    from mmscale.data.images import UnreadableData, image_transform
+    from mmscale.data.shards import ShardDataset
+    write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt=set(range(20)))
+    ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnreadableData) as direct:
+            ds[(0, 0, 3)]
+        with pytest.raises(UnreadableData) as worker:
+            next(iter(DataLoader(ds, batch_size=None, sampler=[(0, 0, 3)], num_workers=1)))
+    for e in (direct.value, worker.value):
+        assert "\n" not in str(e) and str(e).startswith("data: none of 65 samples tried in place of sample 3 "), str(e)
+        assert "does not decode" in str(e) and "0x" not in str(e)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def _manifest_folder(tmp_path):

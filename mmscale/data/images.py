@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ def mix(*values: int) -> int:
     return h
 
 
+def brief_error(e: Exception) -> str:
+    """An error's message without the addresses PIL puts in it (<_io.BytesIO object at 0x...>)."""
+    return re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(e))
+
+
 class UnreadableData(ConfigError):
     """No readable sample among the candidates one draw may try: the data is nearly all unreadable.
     One line (exit 2), also from a loader worker, whose exception torch re-raises in the trainer as
@@ -129,7 +135,7 @@ class KeyedDataset(Dataset):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
                 return self.transform(image), caption, label, skipped
         raise UnreadableData(f"data: none of {self.max_skip + 1} samples tried in place of {self.name(i)} could be read "
-                             f"(the last: {last}): nearly all of the data is unreadable; check it (mmscale-curate "
+                             f"(the last: {brief_error(last)}): nearly all of the data is unreadable; check it (mmscale-curate "
                              f"drops what does not decode)")
 
 

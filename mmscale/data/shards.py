@@ -15,7 +15,6 @@ import contextlib
 import glob
 import json
 import os
-import re
 import sys
 import tarfile
 from collections import Counter
@@ -26,7 +25,7 @@ from PIL import Image
 from ..config import ConfigError
 from ..dist import rank_and_world
 from ..files import atomic_path, atomic_write_json
-from .images import KeyedDataset
+from .images import KeyedDataset, brief_error
 
 META = "_meta"
 # img2dataset's resizer reports these; they are filters, not download failures
@@ -303,11 +302,6 @@ class ShardReadError(OSError):
 UNDECODABLE_PROBES = 16  # samples spread over a shard tried before it is dropped as undecodable
 
 
-def _brief(e: Exception) -> str:
-    """An error's message without the addresses PIL puts in it (<_io.BytesIO object at 0x...>)."""
-    return re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(e))
-
-
 def _worker_zero() -> bool:
     """Rank 0's first loader worker (or its main process): who prints a dropped shard's line."""
     from torch.utils.data import get_worker_info
@@ -409,7 +403,7 @@ class ShardDataset(KeyedDataset):
                 url = self.shardlist[k]["url"]  # named with its folder: data.sources has several
                 self.undecodable[k] = (
                     f"data.shards: {os.path.join(os.path.basename(os.path.dirname(url)), os.path.basename(url))} does "
-                    f"not decode (none of {len(errors)} samples spread over it does: {_brief(errors[0])}): dropped for "
+                    f"not decode (none of {len(errors)} samples spread over it does: {brief_error(errors[0])}): dropped for "
                     f"the epoch, its {n} samples are lost (each draw of one is replaced by another sample and counted "
                     f"in skipped_samples)")
                 if _worker_zero():

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import ConfigError
 from ..dist import all_gather_object, rank_and_world
-from .images import mix
+from .images import brief_error, mix
 from .stream import _Position, ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -166,7 +166,7 @@ class SlotReader:
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
                 if sample.get("__url__") not in named:  # a shard whose images do not decode: one line, not one each
                     named.add(sample.get("__url__"))
-                    print(f"mmscale: data.shards: {name} does not decode ({e}): skipped; this shard's undecodable "
+                    print(f"mmscale: data.shards: {name} does not decode ({brief_error(e)}): skipped; this shard's undecodable "
                           f"samples are skipped without a line, counted in skipped_samples", file=sys.stderr, flush=True)
                 skipped += 1
                 continue
