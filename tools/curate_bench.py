@@ -77,8 +77,9 @@ def search(n: int, radii: list[int], sample: int, seed: int = 0) -> None:
     copies, sources = rng.choice(n, n // 10, replace=False), rng.integers(0, n, n // 10)
     flips = np.zeros(len(copies), dtype=np.uint64)
     for k in range(4):
-        flips ^= np.where(rng.integers(0, 5, len(copies)) > k, np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64),
-                          np.uint64(0))
+        flip = rng.integers(0, 5, len(copies)) > k  # drawn in this order: the numbers in docs/DATA.md
+        bit = np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64)
+        flips ^= np.where(flip, bit, np.uint64(0))
     hashes[copies] = hashes[sources] ^ flips
     queries = rng.choice(n, sample, replace=False)
     for r in radii:

@@ -165,8 +165,10 @@ def run(args) -> dict:
     if args.shard_size < 1 or args.workers < 1 or args.batch_size < 1:
         raise CurateError("--shard-size, --workers and --batch-size must be at least 1")
     radius = args.decontaminate_radius
+    if radius is None:
+        radius = args.near_dup_radius if args.near_dup_radius >= 0 else 4
     opts = CurateOptions(near_dup_radius=args.near_dup_radius, dedup_captions=args.dedup_captions,
-                         decontaminate_radius=radius if radius is not None else (args.near_dup_radius if args.near_dup_radius >= 0 else 4),
+                         decontaminate_radius=radius,
                          clip_threshold=args.clip_threshold, clip_keep_fraction=args.clip_keep_fraction,
                          shard_size=args.shard_size, workers=args.workers, batch_size=args.batch_size)
     sets = [eval_set(item) for item in args.decontaminate]

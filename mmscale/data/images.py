@@ -134,9 +134,9 @@ class KeyedDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
                 return self.transform(image), caption, label, skipped
-        raise UnreadableData(f"data: none of {self.max_skip + 1} samples tried in place of {self.name(i)} could be read "
-                             f"(the last: {brief_error(last)}): nearly all of the data is unreadable; check it (mmscale-curate "
-                             f"drops what does not decode)")
+        raise UnreadableData(f"data: none of {self.max_skip + 1} samples tried in place of {self.name(i)} could be "
+                             f"read (the last: {brief_error(last)}): nearly all of the data is unreadable; check it "
+                             f"(mmscale-curate drops what does not decode)")
 
 
 class CaptionDataset(KeyedDataset):

@@ -403,9 +403,9 @@ class ShardDataset(KeyedDataset):
                 url = self.shardlist[k]["url"]  # named with its folder: data.sources has several
                 self.undecodable[k] = (
                     f"data.shards: {os.path.join(os.path.basename(os.path.dirname(url)), os.path.basename(url))} does "
-                    f"not decode (none of {len(errors)} samples spread over it does: {brief_error(errors[0])}): dropped for "
-                    f"the epoch, its {n} samples are lost (each draw of one is replaced by another sample and counted "
-                    f"in skipped_samples)")
+                    f"not decode (none of {len(errors)} samples spread over it does: {brief_error(errors[0])}): "
+                    f"dropped for the epoch, its {n} samples are lost (each draw of one is replaced by another sample "
+                    f"and counted in skipped_samples)")
                 if _worker_zero():
                     print(f"mmscale: {self.undecodable[k]}", file=sys.stderr, flush=True)
             self.undecodable.setdefault(k, None)

@@ -166,8 +166,9 @@ class SlotReader:
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
                 if sample.get("__url__") not in named:  # a shard whose images do not decode: one line, not one each
                     named.add(sample.get("__url__"))
-                    print(f"mmscale: data.shards: {name} does not decode ({brief_error(e)}): skipped; this shard's undecodable "
-                          f"samples are skipped without a line, counted in skipped_samples", file=sys.stderr, flush=True)
+                    print(f"mmscale: data.shards: {name} does not decode ({brief_error(e)}): skipped; this shard's "
+                          f"undecodable samples are skipped without a line, counted in skipped_samples",
+                          file=sys.stderr, flush=True)
                 skipped += 1
                 continue
             items.append((image, caption, -1, skipped))

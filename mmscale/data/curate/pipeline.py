@@ -214,7 +214,8 @@ def _write_one(task: tuple) -> int:
                 errors, before = [], n
                 for offset, sample in shard_samples(url, errors):
                     if offset in keys:
-                        sink.write({"__key__": keys[offset], **{k: v for k, v in sample.items() if not k.startswith("__")}})
+                        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+                        sink.write({"__key__": keys[offset], **members})
                         n += 1
                 if errors or n - before < len(keys):
                     raise CurateError(f"{url}: changed while curating ({errors[0] if errors else 'samples missing'}); "
