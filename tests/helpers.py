@@ -125,6 +125,20 @@ def write_digit_shards(folder, per_shard=100, shards=3, corrupt=(), numbered=Fal
     return os.path.join(folder, "{00000..%05d}.tar" % (shards - 1))
 
 
+def write_pair_shards(folder, pairs, per_shard=40):
+    """(key, image extension, image bytes, caption) pairs as tar shards with build_shards' index."""
+    import webdataset as wds
+    from mmscale.data.shards import write_index
+    os.makedirs(folder, exist_ok=True)
+    shards = [pairs[i:i + per_shard] for i in range(0, len(pairs), per_shard)]
+    for s, part in enumerate(shards):
+        with wds.TarWriter(os.path.join(folder, f"{s:05d}.tar")) as sink:
+            for key, ext, data, caption in part:
+                sink.write({"__key__": key, ext: data, "txt": caption})
+    write_index(folder, [{"url": f"{s:05d}.tar", "nsamples": len(part)} for s, part in enumerate(shards)])
+    return folder
+
+
 def write_views(folder, n_train=60, n_test=30, dims=(5, 7), classes=3, seed=0):
     """A MOGONET-layout folder whose classes are separable in view 1 and noise in view 2."""
     rng = np.random.default_rng(seed)

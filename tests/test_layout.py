@@ -96,7 +96,7 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
 
 
 SCRIPTS = ["mmscale-train", "mmscale-eval", "mmscale-export", "mmscale-build-shards", "mmscale-sweep", "mmscale-bench-loader",
-           "mmscale-bench"]
+           "mmscale-bench", "mmscale-curate"]
 
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",

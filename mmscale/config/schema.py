@@ -273,6 +273,11 @@ class DataConfig:
     on_bad_shard: Literal["drop", "error"] = f(
         "drop", "shards: a shard whose file is missing, unreadable, not a tar or shorter than the index says is found "
         "at start-up; drop: train on the others (one line names it); error: stop (exit 2)")
+    max_unreadable: float = f(
+        0.05, "the share of the samples read that may be unreadable (images that do not decode, shards dropped "
+        "for it or broken after start-up: each draw of one is replaced by another sample and counted in "
+        "skipped_samples), over all ranks since the start, checked at every logged step; past it training "
+        "stops with one line (exit 2). 1: never stop", range="[0, 1]")
 
 
 @dataclass

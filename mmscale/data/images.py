@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -62,16 +63,49 @@ class Sample:
     label: int = -1
 
 
+_MASK = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """A 64-bit hash of integers (splitmix64 folded over them): a pick or a seed that has no state
+    beyond the numbers it is given (the stand-in for an unreadable sample, the streamed shuffle)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 31
+    return h
+
+
+def brief_error(e: Exception) -> str:
+    """An error's message without the addresses PIL puts in it (<_io.BytesIO object at 0x...>)."""
+    return re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(e))
+
+
+class UnreadableData(ConfigError):
+    """No readable sample among the candidates one draw may try: the data is nearly all unreadable.
+    One line (exit 2), also from a loader worker, whose exception torch re-raises in the trainer as
+    this type around a copy of the worker's traceback: only the original line is kept."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and f"{type(self).__name__}: " in message:
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[1]
+        super().__init__(message)
+
+
 class KeyedDataset(Dataset):
     """Items are (image tensor, caption, label, skipped).
 
     Indexed by (seed, epoch, i), the random augmentation is a function of that key alone, so it
     is the same whichever worker or resumed run draws it. A sample that cannot be read is
-    replaced by the next readable one (deterministically, so resume stays exact) and counted
-    in `skipped`, which travels with the batch to the engine's log.
+    replaced by another one, picked by a hash of (seed, epoch, i, try) over the whole dataset
+    (so resume stays exact, and the stand-ins for a lost shard are spread over the data instead
+    of all being the sample after it), and counted in `skipped`, which travels with the batch to
+    the engine's log (data.max_unreadable bounds the share).
     """
 
-    max_skip = 16
+    max_skip = 64  # candidates one draw may reject: 65 failures in a row means next to nothing reads
 
     def __init__(self, transform):
         self.transform = transform
@@ -82,23 +116,27 @@ class KeyedDataset(Dataset):
     def name(self, i: int) -> str:
         return str(i)
 
-    def after(self, j: int) -> int:
-        """The sample tried after unreadable sample j (a dataset of shards jumps past a broken shard)."""
-        return (j + 1) % len(self)
+    def after(self, j: int, draw: tuple) -> int:
+        """The candidate tried after unreadable sample j, for draw = (seed, epoch, i, try)."""
+        return mix(*draw) % len(self)
 
     def __getitem__(self, key):
         seed, epoch, i = key if isinstance(key, tuple) else (0, 0, key)
-        j = i
-        for skipped in range(self.max_skip):
+        j, last = i, None
+        for skipped in range(self.max_skip + 1):
             try:
                 image, caption, label = self.load(j)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
-                    return self.transform(image), caption, label, skipped
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
-                warnings.warn(f"skipping unreadable sample {self.name(j)}: {e}")
-                j = self.after(j)
-        raise RuntimeError(f"{self.max_skip} unreadable samples in a row from {self.name(i)}")
+                if not getattr(e, "reported", False):  # a dropped shard said so once, in one line
+                    warnings.warn(f"skipping unreadable sample {self.name(j)}: {e}")
+                j, last = self.after(j, (seed, epoch, i, skipped)), e
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
+                return self.transform(image), caption, label, skipped
+        raise UnreadableData(f"data: none of {self.max_skip + 1} samples tried in place of {self.name(i)} could be "
+                             f"read (the last: {brief_error(last)}): nearly all of the data is unreadable; check it "
+                             f"(mmscale-curate drops what does not decode)")
 
 
 class CaptionDataset(KeyedDataset):

@@ -25,7 +25,7 @@ from PIL import Image
 from ..config import ConfigError
 from ..dist import rank_and_world
 from ..files import atomic_path, atomic_write_json
-from .images import KeyedDataset
+from .images import KeyedDataset, brief_error
 
 META = "_meta"
 # img2dataset's resizer reports these; they are filters, not download failures
@@ -291,7 +291,22 @@ def readable_shards(folder: str, on_bad: str = "drop") -> list[dict]:
 
 
 class ShardReadError(OSError):
-    """A shard that was whole at start-up could not be read (truncated, removed, an I/O error)."""
+    """A shard that was whole at start-up could not be read (truncated, removed, an I/O error), or
+    one whose images do not decode; `reported`: its one line was printed, no warning per sample."""
+
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported
+
+
+UNDECODABLE_PROBES = 16  # samples spread over a shard tried before it is dropped as undecodable
+
+
+def _worker_zero() -> bool:
+    """Rank 0's first loader worker (or its main process): who prints a dropped shard's line."""
+    from torch.utils.data import get_worker_info
+    info = get_worker_info()
+    return rank_and_world()[0] == 0 and (info is None or info.id == 0)
 
 
 class ShardDataset(KeyedDataset):
@@ -299,8 +314,9 @@ class ShardDataset(KeyedDataset):
     index, so the exact, resumable BatchStream works on shards as on folders.
 
     Only the shards found whole at start-up are indexed (readable_shards). A shard that breaks
-    later (a read error) is marked broken in this process: every sample drawn from it is replaced
-    by the next one after the shard and counted as skipped, and the run goes on."""
+    later (a read error) is marked broken in this process; one whose images do not decode is
+    dropped with one line (_drops: a verdict of the file alone, the same in every process and
+    resumed run). Each draw of their samples is replaced (KeyedDataset) and counted as skipped."""
 
     def __init__(self, folder: str | list[str], transform, on_bad_shard: str = "drop"):
         """folder: one build_shards folder, or several (data.sources) laid end to end in that order;
@@ -316,6 +332,7 @@ class ShardDataset(KeyedDataset):
         for s in self.shardlist:
             self.starts.append(self.starts[-1] + s["nsamples"])
         self.broken: set[int] = set()  # shard numbers that failed a read in this process
+        self.undecodable: dict[int, str | None] = {}  # shard number -> why it is dropped (None: it decodes)
         self._ds = None  # opened lazily: each loader worker needs its own file handles
 
     def __len__(self):
@@ -339,15 +356,12 @@ class ShardDataset(KeyedDataset):
         import bisect
         return bisect.bisect_right(self.starts, i) - 1
 
-    def after(self, j: int) -> int:
-        """The next candidate after unreadable sample j: past the end of its shard if it is broken."""
-        k = self._shard(j)
-        return self.starts[k + 1] % len(self) if k in self.broken else (j + 1) % len(self)
-
     def _read(self, i: int) -> dict:
         k = self._shard(i)
         if k in self.broken:
-            raise ShardReadError(f"shard {self.shardlist[k]['url']} broke earlier in this run")
+            raise ShardReadError(f"shard {self.shardlist[k]['url']} broke earlier in this run", reported=True)
+        if self.undecodable.get(k):
+            raise ShardReadError(self.undecodable[k], reported=True)
         try:
             return self._dataset()[i]
         except Exception as e:  # wids: IndexError past a truncated end, tarfile/OS errors
@@ -356,14 +370,46 @@ class ShardDataset(KeyedDataset):
             raise ShardReadError(f"shard {self.shardlist[k]['url']} became unreadable "
                                  f"({type(e).__name__}: {e}); its samples are skipped") from None
 
-    def load(self, i):
-        sample = self._read(i)
+    @staticmethod
+    def _decode(sample: dict) -> tuple:
         image_key = next((k for k in (".jpg", ".jpeg", ".png", ".webp") if k in sample), None)
         if image_key is None or ".txt" not in sample:
             raise ValueError(f"{sample.get('__key__')} has no image or no .txt")
         image = Image.open(sample[image_key])
         image.load()
-        return image, sample[".txt"].read().decode("utf-8").strip(), self._label(sample)
+        return image, sample[".txt"].read().decode("utf-8").strip(), ShardDataset._label(sample)
+
+    def load(self, i):
+        sample = self._read(i)
+        try:
+            return self._decode(sample)
+        except (OSError, ValueError):
+            if self._drops(self._shard(i)):
+                raise ShardReadError(self.undecodable[self._shard(i)], reported=True) from None
+            raise
+
+    def _drops(self, k: int) -> bool:
+        """Whether shard k, one of whose samples did not decode, is dropped: none of the samples
+        spread over it decodes either (decided once per process, so once per epoch in workers)."""
+        if k not in self.undecodable:
+            n, errors = self.shardlist[k]["nsamples"], []
+            for off in sorted({p * (n - 1) // (UNDECODABLE_PROBES - 1) for p in range(UNDECODABLE_PROBES)}):
+                try:
+                    self._decode(self._read(self.starts[k] + off))
+                    break
+                except (OSError, ValueError) as e:
+                    errors.append(e)
+            else:
+                url = self.shardlist[k]["url"]  # named with its folder: data.sources has several
+                self.undecodable[k] = (
+                    f"data.shards: {os.path.join(os.path.basename(os.path.dirname(url)), os.path.basename(url))} does "
+                    f"not decode (none of {len(errors)} samples spread over it does: {brief_error(errors[0])}): "
+                    f"dropped for the epoch, its {n} samples are lost (each draw of one is replaced by another sample "
+                    f"and counted in skipped_samples)")
+                if _worker_zero():
+                    print(f"mmscale: {self.undecodable[k]}", file=sys.stderr, flush=True)
+            self.undecodable.setdefault(k, None)
+        return self.undecodable[k] is not None
 
     def label(self, i) -> int:
         return self._label(self._read(i))  # reads the tar members, decodes no image

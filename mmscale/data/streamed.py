@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import warnings
 
 import torch
 from PIL import Image
@@ -35,22 +34,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import ConfigError
 from ..dist import all_gather_object, rank_and_world
+from .images import brief_error, mix
 from .stream import _Position, ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_MASK = (1 << 64) - 1
-
-
-def mix(*values: int) -> int:
-    """A 64-bit hash of integers (splitmix64 folded over them): the shuffle's pick and the
-    augmentation seed, so neither has a state beyond the numbers it is given."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
-        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
-        h ^= h >> 31
-    return h
 
 
 class ShardOrder:
@@ -169,14 +156,19 @@ class SlotReader:
             return self.transform(image), sample["txt"].decode("utf-8").strip()
 
     def batches(self):
-        """Local batches; an undecodable sample is skipped (a warning names it) and counted."""
-        items, ids, skipped = [], [], 0
+        """Local batches; an undecodable sample is skipped and counted (data.max_unreadable bounds the
+        share); the first one of each shard is named in one line, the others only counted."""
+        items, ids, skipped, named = [], [], 0, set()
         for ref, sample in self.samples():
             name = f"{os.path.basename(sample.get('__url__', '?'))}/{sample.get('__key__')}"
             try:
                 image, caption = self.decode(ref, sample)
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
-                warnings.warn(f"skipping unreadable sample {name}: {e}")
+                if sample.get("__url__") not in named:  # a shard whose images do not decode: one line, not one each
+                    named.add(sample.get("__url__"))
+                    print(f"mmscale: data.shards: {name} does not decode ({brief_error(e)}): skipped; this shard's "
+                          f"undecodable samples are skipped without a line, counted in skipped_samples",
+                          file=sys.stderr, flush=True)
                 skipped += 1
                 continue
             items.append((image, caption, -1, skipped))

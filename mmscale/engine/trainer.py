@@ -129,6 +129,15 @@ class Trainer:
                 f"last complete checkpoint ({self.checkpoints.latest() or 'none'}): lower optim.lr, set "
                 f"optim.grad_clip, or check the data, then rerun")
 
+    def check_unreadable(self, skipped: int) -> None:
+        """Stops the run (every rank: the count is summed over them) once the unreadable samples
+        replaced so far pass data.max_unreadable of all the samples read."""
+        bound, read = self.cfg.data.max_unreadable, self.state.step * self.cfg.train.global_batch_size + skipped
+        if skipped > bound * read:
+            raise ConfigError(f"data.max_unreadable: {skipped} of the {read} samples read up to step {self.state.step} "
+                              f"({skipped / read:.1%}) were unreadable, more than {bound:g}: repair or remove what "
+                              f"the lines above name (mmscale-curate keeps only what decodes), or raise the bound")
+
     def step_record(self, result: StepResult, seconds: float, samples: int) -> dict:
         """What a logged step reports; the one place a step's values come back to the host."""
         return {"step": self.state.step, "epoch": self.stream.epoch,
@@ -197,7 +206,9 @@ class Trainer:
             bar.step()
             step = self.state.step
             if self.itstime(t.log_every, last=True):
-                self.logger.log(self.step_record(result, time.perf_counter() - tic, seen))
+                record = self.step_record(result, time.perf_counter() - tic, seen)
+                self.logger.log(record)
+                self.check_unreadable(record["skipped_samples"])
                 tic, seen = time.perf_counter(), 0
             if step == self.total_steps:
                 break  # finish() evaluates and checkpoints the last step
