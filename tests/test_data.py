@@ -123,7 +123,7 @@ def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):
     write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt={12})
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
     assert len(ds) == 20
-    image, caption, label, skipped = ds[(0, 0, 3)]
+    image, caption, label, skipped, _ = ds[(0, 0, 3)]
     assert image.shape == (3, 32, 32) and caption.startswith("a photo of the number") and skipped == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -156,7 +156,7 @@ def test_training_streams_webdataset_shards(tmp_path):
 
 def test_synthetic_pairs_are_a_function_of_the_index():
     ds = SyntheticPairs(50, 16, "a photo of the number {}.", image_transform(16, train=True))
-    image, caption, label, skipped = ds[(0, 0, 13)]
+    image, caption, label, skipped, _ = ds[(0, 0, 13)]
     again = ds[(0, 0, 13)]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and torch.equal(image, again[0])
     assert (caption, label, skipped, len(ds)) == ("a photo of the number three.", 3, 0, 50)
