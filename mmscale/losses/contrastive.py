@@ -53,8 +53,8 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
     keys: this rank's [n] integer keys (loss.positives), or None (each row's only positive is
     its own pair). Rows sharing a key are each other's positives, and each row's term is the mean
-    of -log softmax over its positives P(i) (SupCon's L_out, Khosla et al. 2020, eq. 2; UniCL,
-    Yang et al. 2022, eq. 3), in both directions:
+    of -log softmax over its positives P(i) (SupCon's L_out, Khosla et al. 2020, eq. 2, as UniCL
+    (Yang et al. 2022) uses it between images and texts), in both directions:
 
         l_i = logsumexp_j(S_ij) - 1/|P(i)| sum_{p in P(i)} S_ip
 
