@@ -132,11 +132,12 @@ class CaptionDataset(KeyedDataset):
         return image, s.caption, s.label, self.image_id(i)
 
     def image_id(self, i) -> int:
-        """The sample's own image id (COCO's), else its file's (one file, one image), else its index."""
+        """The sample's own image id (COCO's), else its file's (one file, one image: the path as the
+        recipe names it, the same string on every rank), else its index."""
         s = self.samples[i]
         if s.image_id is not None:
             return s.image_id
-        return i if isinstance(s.image, Image.Image) else stable_id(os.path.abspath(str(s.image)))
+        return i if isinstance(s.image, Image.Image) else stable_id(str(s.image))
 
 
 class SyntheticPairs(KeyedDataset):
