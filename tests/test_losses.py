@@ -91,9 +91,11 @@ def test_tiled_infonce_equals_the_whole_logits(variant, n, tile):
 
 def test_tiled_losses_hold_no_logit_matrix():
     """Every tensor autograd keeps for the backward is at most one embedding matrix (the tiled
-    functions recompute their blocks there): the B x B logits are never held."""
+    functions recompute their blocks there): the B x B logits are never held, nor, with several
+    positives per row, a B x B mask (the keys are compared where each block is)."""
     n, d, tile = 64, 4, 8
     img, txt, scale, bias = leaves(n=n, d=d)
+    keys = torch.arange(n) // 4
     biggest = []
 
     def pack(t):
@@ -101,7 +103,9 @@ def test_tiled_losses_hold_no_logit_matrix():
         return t
 
     for loss_fn in (lambda: contrastive_loss(img, txt, scale, "global", tile=tile),
-                    lambda: siglip_loss(img, txt, scale, bias, tile=tile)):
+                    lambda: siglip_loss(img, txt, scale, bias, tile=tile),
+                    lambda: contrastive_loss(img, txt, scale, "global", tile=tile, keys=keys),
+                    lambda: siglip_loss(img, txt, scale, bias, tile=tile, keys=keys)):
         biggest.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn()
