@@ -2,8 +2,9 @@
 """A trained model's contrastive loss on COCO-MINI's training pairs as one batch (each photo five
 times, once with each of its captions), with one positive per row (loss.positives: index) and
 with the rows of one photo as each other's positives (image): InfoNCE at the model's temperature,
-and SigLIP at its scale and bias when it has one. Images at the evaluation transform. For
-docs/RESULTS.md.
+and SigLIP at its scale and bias when it has one; and the mean cosine of a photo with its five
+captions and with the other photos' captions. Images at the evaluation transform (a photo's five
+rows are then one vector). For docs/RESULTS.md.
 
     python tools/positives_coco.py runs/coco_infonce_image/export runs/coco_infonce_index/export
 """
@@ -42,6 +43,8 @@ def main(argv=None):
                 bias = model.logit_bias().float()
                 line.append(f"siglip {siglip_loss(image, text, scale, bias).item():.4f} -> "
                             f"{siglip_loss(image, text, scale, bias, keys=keys).item():.4f}")
+            cos, same = image @ text.T, keys[:, None] == keys[None, :]
+            line.append(f"cosine with its captions {cos[same].mean():.3f}, with others' {cos[~same].mean():.3f}")
         print(f"{path}: temperature {1 / scale.item():.4f}; " + "; ".join(line))
 
 
