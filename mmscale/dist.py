@@ -7,7 +7,7 @@ work unchanged in one process without a process group (world = 1).
 Gradient convention (DeepSpeed and DDP average parameter gradients over the W ranks): a loss
 computed on embeddings gathered with `all_gather_with_grad` sends each rank's rows the sum over
 ranks of their gradients; after the 1/W average the parameters get exactly the gradient of one
-process holding the whole batch. See mmscale/losses.py for the two ways the CLIP loss uses it.
+process holding the whole batch. See mmscale/losses/ for the two ways the CLIP loss uses it.
 """
 from __future__ import annotations
 
@@ -224,6 +224,14 @@ def other_ranks_blocks(x: torch.Tensor):
         yield leftward   # from rank r + k
     if world > 1 and world % 2 == 0:
         yield ring_pass_with_grad([rightward], [1])[0]
+
+
+def other_ranks_order() -> list[int]:
+    """The ranks whose blocks other_ranks_blocks yields, in its order (a loss that pairs each
+    block with its rank's labels reads them here)."""
+    rank, world = rank_and_world()
+    order = [(rank + sign * k) % world for k in range(1, (world - 1) // 2 + 1) for sign in (-1, 1)]
+    return order + ([(rank + world // 2) % world] if world > 1 and world % 2 == 0 else [])
 
 
 # ---------------------------------------------------------------- rows sharded over the ranks (no gradients)

@@ -154,6 +154,9 @@ def test_the_siglip_recipe_and_the_loss_checks():
         load_config(tiny, ["loss.tile=-1"])
     with pytest.raises(ConfigError, match=r"loss.exchange"):
         load_config(tiny, ["loss.exchange=shift"])
+    with pytest.raises(ConfigError, match=r"loss.positives: label needs class labels, and data.type coco has none"):
+        load_config(tiny, ["loss.positives=label", "data.type=coco"], check_files=False)
+    assert load_config(tiny, ["loss.positives=label"]).loss.positives == "label"  # digits have classes
 
 
 # ---------------------------------------------------------------- the schema's metadata, the builder, --explain

@@ -123,7 +123,7 @@ def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):
     write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt={12})
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
     assert len(ds) == 20
-    image, caption, label, skipped = ds[(0, 0, 3)]
+    image, caption, label, skipped, _ = ds[(0, 0, 3)]
     assert image.shape == (3, 32, 32) and caption.startswith("a photo of the number") and skipped == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -157,7 +157,7 @@ def test_training_streams_webdataset_shards(tmp_path):
 
 def test_synthetic_pairs_are_a_function_of_the_index():
     ds = SyntheticPairs(50, 16, "a photo of the number {}.", image_transform(16, train=True))
-    image, caption, label, skipped = ds[(0, 0, 13)]
+    image, caption, label, skipped, _ = ds[(0, 0, 13)]
     again = ds[(0, 0, 13)]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and torch.equal(image, again[0])
     assert (caption, label, skipped, len(ds)) == ("a photo of the number three.", 3, 0, 50)
@@ -177,3 +177,51 @@ def test_bench_loader_times_the_recipes_loader_and_a_bad_override_is_one_line(ca
     assert main([tiny, "data.type=coco", f"data.root={coco}/val2017",
                  f"data.captions={coco}/annotations/captions_val2017.json", "model.image.image_size=224",
                  "model.image.kwargs.img_size=224", "--workers", "0", "--batches", "1", "--batch", "8"]) == 0
+
+
+def test_batches_carry_the_positives_keys(tmp_path):
+    """loss.positives' keys: image_id is the same for one image, whether the data says so (COCO's
+    image id) or only the bytes do (one photo under two captions in shards, indexed or streamed);
+    caption_id is the same for one caption text up to whitespace."""
+    import webdataset as wds
+    from helpers import real_photos
+    from mmscale.data.shards import ShardDataset, write_index
+    from mmscale.data.streamed import ShardStream
+    photo, other = real_photos(2)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        for k, (image, caption) in enumerate([(photo, "a cat on a mat"), (other, "a dog"), (photo, " a cat  on a mat")]):
+            sink.write({"__key__": f"{k:08d}", "jpg": image, "txt": caption})
+    write_index(str(tmp_path), [{"url": "00000.tar", "nsamples": 3}])
+    collate = Collate(lambda texts: {"input_ids": torch.zeros(len(texts), 1, dtype=torch.long)})
+    transform = image_transform(16, train=False)
+    indexed = collate([ShardDataset(str(tmp_path), transform)[(0, 0, i)] for i in range(3)])
+    streamed = next(iter(ShardStream(str(tmp_path / "00000.tar"), 3, transform, collate, 3, 0, 1, shuffle_buffer=0)))
+    for batch in (indexed, streamed):
+        images, captions = batch["image_id"].tolist(), batch["caption_id"].tolist()
+        assert images[0] == images[2] != images[1] and captions[0] == captions[2] != captions[1]
+    assert batch["image_id"].dtype == batch["caption_id"].dtype == torch.int64
+
+    root = shared_path("coco-mini")
+    samples = load_splits(DataConfig(type="coco", root=f"{root}/train2017",
+                                     captions=f"{root}/annotations/captions_train2017.json")).train
+    first = [i for i, s in enumerate(samples) if s.image == samples[0].image]
+    picked = first + [i for i, s in enumerate(samples) if s.image != samples[0].image][:2]
+    ds = CaptionDataset(samples, transform)
+    batch = collate([ds[i] for i in picked])
+    ids = batch["image_id"].tolist()
+    assert len(first) == 5 and set(ids[:5]) == {samples[0].image_id} and ids[5] != ids[0]
+    assert len(set(batch["caption_id"].tolist())) == 7  # COCO's five captions of a photo differ
+
+
+def test_label_positives_need_shards_with_labels(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+    from mmscale.config import ConfigError, load_config
+    from mmscale.tasks import ClipTask
+    write_digit_shards(str(tmp_path), per_shard=10, shards=1)  # captions, no classes
+    cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"),
+                      ["data.type=shards", f"data.shards={tmp_path}", "loss.positives=label"])
+    model = SimpleNamespace(text_tower=SimpleNamespace(tokenize_fn=lambda: None))
+    with pytest.raises(ConfigError, match=r"loss.positives: label needs class labels, and the shards' first sample has"):
+        ClipTask(cfg).train_stream(model, 0, 1)

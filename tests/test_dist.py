@@ -180,14 +180,17 @@ def test_losses_gather_on_the_comm_device(comm):
     from mmscale.losses import contrastive_loss
     image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
     text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    keys = torch.tensor([0, 1, 0, 2])  # loss.positives: the keys are gathered too
     for variant in ("global", "local", "ring"):
         for tile in (0, 3):
             contrastive_loss(image, text, torch.tensor(10.0), variant, tile).backward()
+            contrastive_loss(image, text, torch.tensor(10.0), variant, tile, keys).backward()
     assert_on_comm_device(comm)
     from mmscale.losses import siglip_loss
     comm.calls.clear()
     for exchange in ("bidir", "gather", "ring"):
         siglip_loss(image, text, torch.tensor(10.0), torch.tensor(-10.0), exchange, tile=3).backward()
+        siglip_loss(image, text, torch.tensor(10.0), torch.tensor(-10.0), exchange, 3, keys).backward()
     assert {name for name, _ in default_group_devices(comm)} == {"isend", "irecv", "all_gather", "all_reduce"}
     assert_on_comm_device(comm)
     from mmscale.dist import gather_outputs

@@ -346,7 +346,7 @@ def test_jsonl_loader_names_classes_and_bad_lines(tmp_path):
                                      val_fraction=0.2), image_size=32)
     assert data.classnames == sorted(data.classnames) and "seven" in data.classnames
     assert len(data.train) + len(data.val) == 40 and len(data.test) == 30
-    image, caption, label, skipped = data.train[(0, 0, 0)]
+    image, caption, label, skipped, _ = data.train[(0, 0, 0)]
     assert image.shape == (3, 32, 32) and caption.startswith("a handwritten digit") and 0 <= label < 10
     with open(f"{root}/train.jsonl", "a") as f:
         f.write('{"image": "x.png", "text": "no label"}\n')

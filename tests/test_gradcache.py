@@ -85,6 +85,31 @@ def test_equals_full_batch_single_process(learn_temperature, loss):
         assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=1e-4), (n, (got[n] - ref[n]).abs().max())
 
 
+@pytest.mark.parametrize("loss", ["infonce_tiled", "infonce_ring", "siglip"])
+def test_the_task_loss_with_several_positives_is_exact_under_the_cache(loss):
+    """loss.positives: the key travels in the batch like the labels, through ClipTask.loss (the
+    engine's closure over the local batch), so the cached chunks see the whole batch's positives."""
+    from mmscale.tasks import ClipTask
+    cfg = tiny_cfg("model.learn_temperature=true", "loss.positives=caption", *LOSSES[loss])
+    model = make_model(cfg)
+    batch = make_batch(model)
+    batch["caption_id"] = torch.arange(B) % 5  # planted: rows 0, 5, 10, 15 share a caption, and so on
+    task = ClipTask(cfg)
+
+    def loss_fn(out):
+        return task.loss(out, batch, None)
+    model.zero_grad()
+    ref_loss, _ = loss_fn(model(batch))
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss, _ = grad_cache_step(model, loss_fn, batch, 4, plain_backward, shared=SHARED)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    assert not torch.allclose(loss, clip_loss(model(batch), cfg.loss))  # the keys were used
+    for n, g in ref.items():
+        assert torch.allclose(model.get_parameter(n).grad, g, atol=1e-5, rtol=1e-4), n
+
+
 def chunked_reference(model, batch, chunk, seed):
     """Same dropout masks as the cache's first pass: forward the chunks in order, with grad."""
     torch.manual_seed(seed)

@@ -49,16 +49,18 @@ def leaves(n=12, d=7, seed=0, scale=10.0, bias=-10.0):
 
 
 def grads_of(loss, tensors):
-    return [g if g is not None else torch.zeros_like(t) for g, t in zip(torch.autograd.grad(loss, tensors), tensors)]
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)  # InfoNCE has no bias
+    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors)]
 
 
-def siglip_eq_1(z_img, z_txt, t, b):
-    """SigLIP (Zhai et al. 2023) eq. 1: -1/|B| sum_i sum_j log 1 / (1 + exp(z_ij (-t x_i . y_j - b)))."""
+def siglip_eq_1(z_img, z_txt, t, b, keys=None):
+    """SigLIP (Zhai et al. 2023) eq. 1: -1/|B| sum_i sum_j log 1 / (1 + exp(z_ij (-t x_i . y_j - b))),
+    z_ij = 1 for a pair (with keys: for rows sharing a key), -1 otherwise."""
     n = len(z_img)
     total = 0.0
     for i in range(n):
         for j in range(n):
-            z = 1.0 if i == j else -1.0
+            z = 1.0 if (i == j if keys is None else keys[i] == keys[j]) else -1.0
             total += math.log(1.0 / (1.0 + math.exp(z * (-t * float(z_img[i] @ z_txt[j]) - b))))
     return -total / n
 
@@ -89,9 +91,11 @@ def test_tiled_infonce_equals_the_whole_logits(variant, n, tile):
 
 def test_tiled_losses_hold_no_logit_matrix():
     """Every tensor autograd keeps for the backward is at most one embedding matrix (the tiled
-    functions recompute their blocks there): the B x B logits are never held."""
+    functions recompute their blocks there): the B x B logits are never held, nor, with several
+    positives per row, a B x B mask (the keys are compared where each block is)."""
     n, d, tile = 64, 4, 8
     img, txt, scale, bias = leaves(n=n, d=d)
+    keys = torch.arange(n) // 4
     biggest = []
 
     def pack(t):
@@ -99,7 +103,9 @@ def test_tiled_losses_hold_no_logit_matrix():
         return t
 
     for loss_fn in (lambda: contrastive_loss(img, txt, scale, "global", tile=tile),
-                    lambda: siglip_loss(img, txt, scale, bias, tile=tile)):
+                    lambda: siglip_loss(img, txt, scale, bias, tile=tile),
+                    lambda: contrastive_loss(img, txt, scale, "global", tile=tile, keys=keys),
+                    lambda: siglip_loss(img, txt, scale, bias, tile=tile, keys=keys)):
         biggest.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn()
@@ -137,14 +143,16 @@ def _ranks_siglip(rank, world, out_dir):
 def _ranks_losses(rank, world, out_dir):
     _ranks_siglip(rank, world, out_dir)
     _ranks_tiled(rank, world, out_dir)
+    _ranks_positives(rank, world, out_dir)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_losses_on_ranks_equal_open_clip_and_the_full_batch(world, tmp_path):
-    """One launch of `world` gloo ranks for both checks below (each launch costs seconds)."""
+    """One launch of `world` gloo ranks for the three checks below (each launch costs seconds)."""
     run_ranks(_ranks_losses, world, str(tmp_path))
     check_siglip_on_ranks(world, tmp_path)
     check_tiled_and_ring_infonce_on_ranks(world, tmp_path)
+    check_positives_on_ranks(world, tmp_path)
 
 
 def check_siglip_on_ranks(world, tmp_path):
@@ -207,3 +215,178 @@ def check_tiled_and_ring_infonce_on_ranks(world, tmp_path):
     for s in saved:
         assert s["held"]["ring-5"] <= 13 * d and s["held"]["siglip-ring-5"] <= 13 * d, s["held"]
         assert s["held"]["local-5"] == 13 * world * d  # the gathered copy, where there is one
+
+
+# ---------------------------------------------------------------- several positives per row (loss.positives)
+
+def planted_keys(n, seed=0):
+    """n keys drawn from about n / 2 values: pairs, triples and singles, wherever the ranks split them."""
+    return torch.randint(0, max(1, n // 2), (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def supcon_l_out(z_img, z_txt, tau, keys):
+    """SupCon's L_out (Khosla et al. 2020, eq. 2) between the modalities, both directions halved,
+    loop by loop: l_i = -1/|P(i)| sum_{p in P(i)} log exp(s_ip / tau) / sum_j exp(s_ij / tau),
+    P(i) = {j : key_j = key_i}."""
+    n = len(z_img)
+    s = [[float(z_img[i] @ z_txt[j]) / tau for j in range(n)] for i in range(n)]
+
+    def direction(s):
+        total = 0.0
+        for i in range(n):
+            positives = [p for p in range(n) if keys[p] == keys[i]]
+            log_z = math.log(sum(math.exp(s[i][j]) for j in range(n)))
+            total -= sum(s[i][p] - log_z for p in positives) / len(positives)
+        return total / n
+    return 0.5 * (direction(s) + direction([list(col) for col in zip(*s)]))
+
+
+def dense_positives(img, txt, scale, bias, keys, siglip):
+    """The single-process dense reference: InfoNCE as cross-entropy against targets spread evenly
+    over each row's positives (L_out in another form), or SigLIP's log-sigmoid of z_ij x_ij."""
+    same = (keys[:, None] == keys[None, :]).float()
+    logits = scale * img @ txt.T
+    if siglip:
+        return -F.logsigmoid((2 * same - 1) * (logits + bias)).sum() / len(img)
+    targets = same / same.sum(1, keepdim=True)
+    return -0.5 * ((targets * logits.log_softmax(1)).sum(1).mean() + (targets * logits.T.log_softmax(1)).sum(1).mean())
+
+
+def positive_forms(tile):
+    """Every contrastive form as fn(image, text, scale, bias, keys) -> this rank's loss."""
+    forms = {f"{v}-{tile}": functools.partial(lambda i, t, s, b, k, v: contrastive_loss(i, t, s, v, tile, k), v=v)
+             for v in ("global", "local", "ring")}
+    forms.update({f"siglip-{e}-{tile}": functools.partial(lambda i, t, s, b, k, e: siglip_loss(i, t, s, b, e, tile, k), e=e)
+                  for e in ("bidir", "gather", "ring")})
+    return forms
+
+
+FORMS = {**positive_forms(0), **positive_forms(5)}
+ALL_FORMS = {**FORMS, **positive_forms(3)}
+
+
+def positive_leaves(n=13):
+    return leaves(n=n, scale=1 / 0.07, bias=-2.0)
+
+
+def test_several_positives_are_supcon_l_out_and_siglip_eq_1_with_z_from_the_keys():
+    img, txt, scale, bias = positive_leaves()
+    keys = planted_keys(13)
+    assert 1 < len(set(keys.tolist())) < 13
+    for name, fn in positive_forms(0).items():
+        got = fn(img, txt, scale, bias, keys).item()
+        if name.startswith("siglip"):
+            want = siglip_eq_1(img.detach(), txt.detach(), 1 / 0.07, -2.0, keys.tolist())
+        else:
+            want = supcon_l_out(img.detach(), txt.detach(), 0.07, keys.tolist())
+        assert got == pytest.approx(want, rel=1e-5), name
+        assert got != pytest.approx(fn(img, txt, scale, bias, None).item(), rel=1e-3), name  # the keys matter
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_several_positives_equal_the_dense_reference(form):
+    """Loss and gradients (features, temperature, bias) of every form, whole and tiled (13 rows in
+    tiles of 5), against the dense reference on planted duplicate keys."""
+    img, txt, scale, bias = positive_leaves()
+    keys = planted_keys(13)
+    tensors = [img, txt, scale, bias]
+    got = FORMS[form](*tensors, keys)
+    want = dense_positives(*tensors, keys, siglip=form.startswith("siglip"))
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    for g, w in zip(grads_of(got, tensors), grads_of(want, tensors)):
+        assert torch.allclose(g, w, atol=1e-6), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_unique_keys_give_the_loss_without_keys_bit_for_bit(form):
+    img, txt, scale, bias = positive_leaves()
+    tensors = [img, txt, scale, bias]
+    unique = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:13]
+    with_keys, without = FORMS[form](*tensors, unique), FORMS[form](*tensors, None)
+    assert torch.equal(with_keys, without)
+    for g, w in zip(grads_of(with_keys, tensors), grads_of(without, tensors)):
+        assert torch.equal(g, w)
+
+
+def _ranks_positives(rank, world, out_dir):
+    """Every form on this rank's 7 rows with planted keys (duplicates across ranks), unique keys
+    and none; the gradient cache (chunks of 3) over linear towers with keys; which rank each
+    bidir block came from; a caption id computed in this process."""
+    from mmscale.data.images import stable_id
+    from mmscale.dist import other_ranks_blocks, other_ranks_order
+    from mmscale.gradcache import grad_cache_step
+    n = 7
+    rows = slice(rank * n, (rank + 1) * n)
+    img, txt, scale, bias = positive_leaves(n * world)
+    keys = planted_keys(n * world, seed=world)
+    unique = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:n * world]
+    results = {}
+    for name, fn in {**positive_forms(0), **positive_forms(3)}.items():
+        for label, k in (("planted", keys), ("unique", unique), ("none", None)):
+            local = [t.detach()[rows].clone().requires_grad_() for t in (img, txt)]
+            local += [scale.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
+            loss = fn(*local, None if k is None else k[rows])
+            results[(name, label)] = (loss.detach(), grads_of(loss, local))
+    for name in ("global-3", "ring-0", "siglip-bidir-0"):
+        towers = CachedTowers()
+        batch = {"x": img.detach()[rows], "y": txt.detach()[rows], "key": keys[rows]}
+        loss, _ = grad_cache_step(towers, lambda out: (ALL_FORMS[name](
+            out["image"], out["text"], out["logit_scale"], out["logit_bias"], batch["key"]), {}), batch, 3,
+            lambda surrogate, last: surrogate.backward(), shared=("logit_scale", "logit_bias"))
+        results[("cached", name)] = (loss, param_grads(towers))
+    results["order"] = ([int(b) for b in other_ranks_blocks(torch.tensor([float(rank)]))], other_ranks_order())
+    results["caption_id"] = stable_id("a photo of a cat")
+    torch.save(results, os.path.join(out_dir, f"positives{rank}.pt"))
+
+
+class CachedTowers(torch.nn.Module):
+    """A linear tower per modality and a learnt temperature and bias: a model for the gradient cache."""
+
+    def __init__(self, d=7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image, self.text = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.log_scale, self.bias = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07))), torch.nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, batch):
+        return {"image": F.normalize(self.image(batch["x"]), dim=-1), "text": F.normalize(self.text(batch["y"]), dim=-1),
+                "logit_scale": self.log_scale.exp(), "logit_bias": self.bias}
+
+
+def param_grads(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+def check_positives_on_ranks(world, tmp_path):
+    """On `world` ranks, each form's mean loss and its gradients (averaged over ranks, as DeepSpeed
+    does) are the dense single-process reference's with the same planted keys; unique keys give
+    each rank the keyless loss and gradients bit for bit; the gradient cache over towers gives
+    the full batch's parameter gradients; bidir's blocks come from the ranks other_ranks_order
+    names; a caption's id is the same in every process."""
+    from mmscale.data.images import stable_id
+    saved = [torch.load(tmp_path / f"positives{r}.pt") for r in range(world)]
+    img, txt, scale, bias = positive_leaves(7 * world)
+    keys = planted_keys(7 * world, seed=world)
+    tensors = [img, txt, scale, bias]
+    for name in {**positive_forms(0), **positive_forms(3)}:
+        want = dense_positives(*tensors, keys, siglip=name.startswith("siglip"))
+        want_grads = grads_of(want, tensors)
+        got = [s[(name, "planted")] for s in saved]
+        assert torch.allclose(sum(g[0] for g in got) / world, want, atol=1e-5), name
+        for k in range(2):
+            assert torch.allclose(torch.cat([g[1][k] for g in got]) / world, want_grads[k], atol=1e-6), (name, k)
+        for k in range(2, 4):
+            assert torch.allclose(sum(g[1][k] for g in got) / world, want_grads[k], atol=1e-5), (name, k)
+        for s in saved:
+            (loss, grads), (plain, plain_grads) = s[(name, "unique")], s[(name, "none")]
+            assert torch.equal(loss, plain) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads)), name
+    for name in ("global-3", "ring-0", "siglip-bidir-0"):
+        towers = CachedTowers()
+        out = towers({"x": img.detach(), "y": txt.detach()})
+        loss = ALL_FORMS[name](out["image"], out["text"], out["logit_scale"], out["logit_bias"], keys)
+        loss.backward()
+        for k, want in enumerate(param_grads(towers)):
+            assert torch.allclose(sum(s[("cached", name)][1][k] for s in saved) / world, want, atol=1e-5), (name, k)
+    for s in saved:
+        assert s["order"][0] == s["order"][1]
+        assert s["caption_id"] == stable_id("a photo of a cat")

@@ -182,6 +182,12 @@ class ClipLossConfig:
         "rank's block held at a time)")
     tile: int = f(0, "> 0: the logits in tile x tile blocks, forward and backward (no B x B matrix); 0: whole",
                   range=">= 0")
+    positives: Literal["index", "image", "caption", "label"] = f(
+        "index", "which rows of the global batch are each other's positives: index (each row's own pair only, "
+        "CLIP); image (rows with the same image: COCO's image id, the image file, or the same image bytes in "
+        "shards); caption (the same caption text); label (the same class; data with labels only). InfoNCE "
+        "averages -log softmax over a row's positives (SupCon's L_out), SigLIP sets z_ij = +1 for every "
+        "positive pair")
 
 
 @dataclass

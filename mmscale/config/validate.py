@@ -83,6 +83,9 @@ def validate_clip_loss(cfg: Config) -> None:
     if loss.name == "infonce" and model.logit_bias is not None:
         raise ConfigError(f"model.logit_bias: {model.logit_bias} is set but loss.name is infonce, whose softmax ignores "
                           "a bias; remove it or set loss.name=siglip")
+    if loss.positives == "label" and cfg.data.type in ("coco", "webdataset"):
+        raise ConfigError(f"loss.positives: label needs class labels, and data.type {cfg.data.type} has none; use "
+                          "image or caption, or data with classes (digits, imagefolder, labelled shards)")
 
 
 def validate_clip_model(cfg: Config) -> None:

@@ -2,6 +2,7 @@
 folders, scikit-learn's digits and COCO captions, and the held-out split for zero-shot."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -56,11 +57,19 @@ def normalize_images(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return ((images.float() / 255 - mean) / std).to(dtype)
 
 
+def stable_id(value: str | bytes) -> int:
+    """A signed 64-bit id of a string or bytes, the same in every process and on every rank
+    (Python's hash() is salted per process): the positives keys of captions and of image bytes."""
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
 @dataclass
 class Sample:
     image: object  # a path or a PIL image
     caption: str
     label: int = -1
+    image_id: int | None = None  # samples of one image share it (COCO's image id); None: the path, else the index
 
 
 _MASK = (1 << 64) - 1
@@ -95,7 +104,8 @@ class UnreadableData(ConfigError):
 
 
 class KeyedDataset(Dataset):
-    """Items are (image tensor, caption, label, skipped).
+    """Items are (image tensor, caption, label, skipped, image_id); image_id is the same for
+    samples of one image (loss.positives: image), an int64.
 
     Indexed by (seed, epoch, i), the random augmentation is a function of that key alone, so it
     is the same whichever worker or resumed run draws it. A sample that cannot be read is
@@ -110,7 +120,7 @@ class KeyedDataset(Dataset):
     def __init__(self, transform):
         self.transform = transform
 
-    def load(self, i: int) -> tuple:  # (PIL image, caption, label)
+    def load(self, i: int) -> tuple:  # (PIL image, caption, label, image_id)
         raise NotImplementedError
 
     def name(self, i: int) -> str:
@@ -125,7 +135,7 @@ class KeyedDataset(Dataset):
         j, last = i, None
         for skipped in range(self.max_skip + 1):
             try:
-                image, caption, label = self.load(j)
+                image, caption, label, image_id = self.load(j)
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
                 if not getattr(e, "reported", False):  # a dropped shard said so once, in one line
                     warnings.warn(f"skipping unreadable sample {self.name(j)}: {e}")
@@ -133,7 +143,7 @@ class KeyedDataset(Dataset):
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
-                return self.transform(image), caption, label, skipped
+                return self.transform(image), caption, label, skipped, image_id
         raise UnreadableData(f"data: none of {self.max_skip + 1} samples tried in place of {self.name(i)} could be "
                              f"read (the last: {brief_error(last)}): nearly all of the data is unreadable; check it "
                              f"(mmscale-curate drops what does not decode)")
@@ -157,7 +167,15 @@ class CaptionDataset(KeyedDataset):
         s = self.samples[i]
         image = s.image if isinstance(s.image, Image.Image) else Image.open(s.image)
         image.load()
-        return image, s.caption, s.label
+        return image, s.caption, s.label, self.image_id(i)
+
+    def image_id(self, i) -> int:
+        """The sample's own image id (COCO's), else its file's (one file, one image: the path as the
+        recipe names it, the same string on every rank), else its index."""
+        s = self.samples[i]
+        if s.image_id is not None:
+            return s.image_id
+        return i if isinstance(s.image, Image.Image) else stable_id(str(s.image))
 
 
 class SyntheticPairs(KeyedDataset):
@@ -178,7 +196,7 @@ class SyntheticPairs(KeyedDataset):
     def load(self, i):
         g = np.random.default_rng(i)
         pixels = g.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8)
-        return Image.fromarray(pixels), self.template.format(DIGIT_NAMES[i % 10]), i % 10
+        return Image.fromarray(pixels), self.template.format(DIGIT_NAMES[i % 10]), i % 10, i
 
 
 def scan_class_folders(root: str, max_per_class: int = 0) -> tuple[list[str], list[int], list[str]]:
@@ -230,7 +248,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         with open(cfg.captions) as f:
             coco = json.load(f)
         files = {im["id"]: os.path.join(cfg.root, im["file_name"]) for im in coco["images"]}
-        samples = [Sample(files[a["image_id"]], a["caption"].strip()) for a in coco["annotations"]]
+        samples = [Sample(files[a["image_id"]], a["caption"].strip(), image_id=int(a["image_id"]))
+                   for a in coco["annotations"]]
         return Splits(samples, [], [])
     else:
         raise ConfigError(f"data.type: {cfg.type!r} is not supported")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from PIL import Image
 from ..config import ConfigError
 from ..dist import rank_and_world
 from ..files import atomic_path, atomic_write_json
-from .images import KeyedDataset, brief_error
+from .images import KeyedDataset, brief_error, stable_id
 
 META = "_meta"
 # img2dataset's resizer reports these; they are filters, not download failures
@@ -375,9 +376,10 @@ class ShardDataset(KeyedDataset):
         image_key = next((k for k in (".jpg", ".jpeg", ".png", ".webp") if k in sample), None)
         if image_key is None or ".txt" not in sample:
             raise ValueError(f"{sample.get('__key__')} has no image or no .txt")
-        image = Image.open(sample[image_key])
+        data = sample[image_key].read()  # the bytes identify the image (loss.positives: image)
+        image = Image.open(io.BytesIO(data))
         image.load()
-        return image, sample[".txt"].read().decode("utf-8").strip(), ShardDataset._label(sample)
+        return image, sample[".txt"].read().decode("utf-8").strip(), ShardDataset._label(sample), stable_id(data)
 
     def load(self, i):
         sample = self._read(i)

@@ -14,24 +14,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
-from .images import normalize_images
+from .images import normalize_images, stable_id
 
 
 class Collate:
-    """(image, caption, label, skipped) items -> {"label", "skipped", image_key: images, and the
-    tokenized captions as <text_prefix>input_ids / <text_prefix>attention_mask}. image_key None
-    leaves the images out, text_prefix None the captions (tokenize is then not needed)."""
+    """(image, caption, label, skipped, image_id) items -> {"label", "skipped", image_key: images,
+    the tokenized captions as <text_prefix>input_ids / <text_prefix>attention_mask, and the
+    positives keys (loss.positives) "image_id" and "caption_id" (a hash of the caption text)}.
+    image_key None leaves the images out, text_prefix None the captions and their ids (tokenize
+    is then not needed)."""
 
     def __init__(self, tokenize=None, image_key: str | None = "image", text_prefix: str | None = ""):
         self.tokenize, self.image_key, self.text_prefix = tokenize, image_key, text_prefix
 
     def __call__(self, items) -> dict:
-        images, captions, labels, skipped = zip(*items)
-        batch = {"label": torch.tensor(labels), "skipped": sum(skipped)}  # a count for the log, not a tensor
+        images, captions, labels, skipped, image_ids = zip(*items)
+        batch = {"label": torch.tensor(labels), "skipped": sum(skipped),  # a count for the log, not a tensor
+                 "image_id": torch.tensor(image_ids, dtype=torch.int64)}
         if self.image_key is not None:
             batch[self.image_key] = torch.stack(images)
         if self.text_prefix is not None:
             batch.update({self.text_prefix + k: v for k, v in self.tokenize(list(captions)).items()})
+            # the text the tokenizer sees: runs of whitespace do not make another caption
+            batch["caption_id"] = torch.tensor([stable_id(" ".join(c.split())) for c in captions], dtype=torch.int64)
         return batch
 
 

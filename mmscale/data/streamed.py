@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import ConfigError
 from ..dist import all_gather_object, rank_and_world
-from .images import brief_error, mix
+from .images import brief_error, mix, stable_id
 from .stream import _Position, ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -153,7 +153,8 @@ class SlotReader:
         image.load()
         with torch.random.fork_rng(devices=[]):  # the augmentation of this sample wherever it is read
             torch.manual_seed(mix(self.seed, self.place(ref[0]), ref[1]) >> 1)
-            return self.transform(image), sample["txt"].decode("utf-8").strip()
+            # the bytes identify the image (loss.positives: image)
+            return self.transform(image), sample["txt"].decode("utf-8").strip(), stable_id(sample[image_key])
 
     def batches(self):
         """Local batches; an undecodable sample is skipped and counted (data.max_unreadable bounds the
@@ -162,7 +163,7 @@ class SlotReader:
         for ref, sample in self.samples():
             name = f"{os.path.basename(sample.get('__url__', '?'))}/{sample.get('__key__')}"
             try:
-                image, caption = self.decode(ref, sample)
+                image, caption, image_id = self.decode(ref, sample)
             except (OSError, ValueError) as e:  # PIL raises OSError subclasses for corrupt files
                 if sample.get("__url__") not in named:  # a shard whose images do not decode: one line, not one each
                     named.add(sample.get("__url__"))
@@ -171,7 +172,7 @@ class SlotReader:
                           file=sys.stderr, flush=True)
                 skipped += 1
                 continue
-            items.append((image, caption, -1, skipped))
+            items.append((image, caption, -1, skipped, image_id))
             ids.append(name)
             skipped = 0
             if len(items) == self.local_batch:

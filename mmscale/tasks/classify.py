@@ -26,7 +26,7 @@ class ClassifyTask(Task):
     is UniConcat; loss.mixup trains the fused head on mixed inputs with mixed labels (the mixup
     baseline); one modality with unimodal_weight 0 is the unimodal baseline. The options named
     after the authors' code (loss.m3co_mix, m3co_draws, m3co_mix_prob, contrastive_pairs,
-    multisoftclip_reverse, multisoftclip_tau, unis_mmc_logits) are documented in mmscale/losses.py
+    multisoftclip_reverse, multisoftclip_tau, unis_mmc_logits) are documented in mmscale/losses/finetune.py
     and mmscale/config/schema.py; their defaults are the papers' equations. With UniS-MMC the loss also
     reports the shares of positive, semi-positive and negative pairs (pairs_positive, ...).
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..data.images import CaptionDataset, Splits, SyntheticPairs, image_transform, load_splits
+from ..config import ConfigError
 from ..config.validate import source_names
 from ..data.mixture import SourceMixture
 from ..data.shards import ShardDataset
@@ -12,8 +13,13 @@ from ..models import DualEncoder, build_model
 from .base import Progress, Task, image_text_evaluation
 
 
+# loss.positives -> the batch's key for it (data/stream.py's Collate); index needs none
+POSITIVES_KEYS = {"index": None, "image": "image_id", "caption": "caption_id", "label": "label"}
+
+
 class ClipTask(Task):
-    """Symmetric InfoNCE (CMLA eq. 5-8) or SigLIP's sigmoid loss over the batch of all ranks."""
+    """Symmetric InfoNCE (CMLA eq. 5-8) or SigLIP's sigmoid loss over the batch of all ranks, with
+    the rows sharing a key as positives (loss.positives)."""
 
     shared_outputs = ("logit_scale", "logit_bias")
 
@@ -50,6 +56,9 @@ class ClipTask(Task):
             ds = SyntheticPairs(d.num_samples, size, d.caption_template, image_transform(size, train=True))
         else:
             ds = CaptionDataset(self._splits().train, image_transform(size, train=True))
+        if d.type == "shards" and self.cfg.loss.positives == "label" and ds.label(0) < 0:
+            raise ConfigError("loss.positives: label needs class labels, and the shards' first sample has none (no .cls, "
+                              "no \"label\" in its .json: build the shards with --label-col); use image or caption")
         return BatchStream(ds, collate, self.cfg.train.global_batch_size, rank, world, seed=d.seed,
                            num_workers=d.num_workers, mixture=mixture)
 
@@ -57,7 +66,8 @@ class ClipTask(Task):
         metrics = {"temperature": 1.0 / out["logit_scale"].detach().float()}
         if "logit_bias" in out:
             metrics["logit_bias"] = out["logit_bias"].detach().float()
-        return clip_loss(out, self.cfg.loss), metrics
+        key = POSITIVES_KEYS[self.cfg.loss.positives]
+        return clip_loss(out, self.cfg.loss, batch[key] if key else None), metrics
 
     def evaluate(self, model: DualEncoder, device, dtype) -> dict:
         splits = self._splits()
