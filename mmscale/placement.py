@@ -143,7 +143,7 @@ def is_loopback_literal(addr: str) -> bool:
 
 
 def socket_interface(env=os.environ, interfaces=None, route=route_source) -> tuple[dict, str | None]:
-    """(variables to set, a start-up line or None). A user's GLOO_SOCKET_IFNAME always wins; a
+    """(variables to set, a start-up line or None: a line only where ranks span hosts). A user's GLOO_SOCKET_IFNAME always wins; a
     user's NCCL_SOCKET_IFNAME that names this host's interfaces exactly is followed by gloo too
     (prefix forms like `eth` or `^docker` are NCCL's alone: gloo is then left to choose)."""
     if env.get("GLOO_SOCKET_IFNAME") or int(env.get("WORLD_SIZE", "1")) == 1:
@@ -164,6 +164,8 @@ def socket_interface(env=os.environ, interfaces=None, route=route_source) -> tup
     if chosen is None:
         return {}, None
     name, why = chosen
+    if multi_host is False:  # one host: set, but not worth a line in every single-host log
+        return {"GLOO_SOCKET_IFNAME": name}, None
     addrs = ", ".join(interfaces[name][:1])
     return {"GLOO_SOCKET_IFNAME": name}, (f"gloo sockets on {name} ({addrs}), {why} (set GLOO_SOCKET_IFNAME "
                                           f"to choose another)")

@@ -82,3 +82,30 @@ def test_the_users_variables_win():
     # the deepspeed launcher says LOCAL_SIZE where torchrun says LOCAL_WORLD_SIZE
     ds = {"MASTER_ADDR": "node1", "WORLD_SIZE": "4", "LOCAL_SIZE": "4"}
     assert socket_interface(ds, IFACES, routes({"node1": "127.0.0.1"}))[0] == {"GLOO_SOCKET_IFNAME": "lo"}
+
+
+def test_one_host_sets_the_interface_without_a_line():
+    """Single-host logs stay as they were: the loopback is set for gloo, no start-up line."""
+    env = {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    assert socket_interface(env, IFACES, routes({"127.0.0.1": "127.0.0.1"})) == ({"GLOO_SOCKET_IFNAME": "lo"}, None)
+
+
+def test_the_watchdog_names_ranks_lost_together_and_their_host(monkeypatch):
+    """Ranks of one lost node stop beating up to a beat apart: the line names every one of them
+    and their host, not only the first past the limit; a rank still beating is not named; ranks
+    on this host are named without it."""
+    import socket as socket_module
+    import time
+    from mmscale.engine.watchdog import RankWatchdog
+    dog = RankWatchdog(rank=0, world=5, timeout_s=10)  # a beat a second
+    lines = []
+    monkeypatch.setattr(dog, "_lost", lines.append)
+    now = time.monotonic()
+    dog.store_ok = now
+    dog.last = {1: (5, now), 2: (5, now - 10.5), 3: (5, now - 9.6), 4: (5, now - 1.2)}
+    dog.hosts = {1: "node1", 2: "node2", 3: "node2", 4: "node1"}
+    monkeypatch.setattr(dog._stop, "wait", lambda _: bool(lines))  # one round of the watch loop
+    dog._watch()
+    assert len(lines) == 1 and lines[0].startswith("ranks 2, 3 (on node2) stopped answering"), lines
+    monkeypatch.setattr(socket_module, "gethostname", lambda: "node2")
+    assert dog.describe([2, 3]) == "ranks 2, 3" and dog.describe([1]) == "rank 1 (on node1)"

@@ -94,15 +94,20 @@ class RankWatchdog:
             if now - self.store_ok > self.stale_after:
                 self._lost(f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
                            f"(on rank 0, or the launcher) has not answered for {now - self.store_ok:.0f} s")
-            stale = sorted(r for r, (_, since) in self.last.items() if now - since > self.stale_after)
+            stale = [r for r, (_, since) in self.last.items() if now - since > self.stale_after]
             if stale:
+                # ranks lost together (a node) went quiet up to a beat apart: name all of them, not
+                # only the first past the limit
+                quiet = max(2 * self.interval, self.stale_after - 2 * self.interval)
+                stale = sorted(r for r, (_, since) in self.last.items() if now - since > quiet)
                 idle = max(now - self.last[r][1] for r in stale)
                 self._lost(f"{self.describe(stale)} stopped answering (no heartbeat for {idle:.0f} s)")
 
     def describe(self, ranks: list[int]) -> str:
-        """'ranks 2, 3 (on node2)': the ranks and the hosts they ran on, as they told the store."""
+        """'ranks 2, 3 (on node2)': the ranks and the hosts they ran on, as they told the store
+        (no host named where all of them ran on this one)."""
         hosts = sorted({self.hosts[r] for r in ranks if r in self.hosts})
-        where = f" (on {', '.join(hosts)})" if hosts else ""
+        where = f" (on {', '.join(hosts)})" if hosts and hosts != [socket.gethostname()] else ""
         return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}{where}"
 
     def _lost(self, what: str) -> None:
