@@ -93,6 +93,15 @@ def init_distributed(timeout_s: float | None = None) -> None:
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), **kwargs)
 
 
+def init_simulated_world(world: int) -> None:
+    """This process as rank 0 of `world` ranks over torch's fake process group, whose collectives
+    return at once and move nothing (a gather's output keeps whatever memory held). For counting
+    what one step of `world` ranks sends (mmscale-bench --simulate-ranks); never for training."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world)})
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+
+
 def store_client(timeout_s: float):
     """A client of the launcher's rendezvous store (MASTER_ADDR:MASTER_PORT: the agent under
     torchrun, rank 0 under env:// launches) with its own short timeout, so a thread can use it
@@ -317,7 +326,9 @@ class HostFlag:
 
     def __init__(self):
         world = rank_and_world()[1]
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        # a simulated world (init_simulated_world) has no peers for gloo to meet: a fake group too
+        backend = "fake" if world > 1 and dist.get_backend() == "fake" else "gloo"
+        self.group = dist.new_group(backend=backend) if world > 1 else None
         self.pending = None  # (work, tensor) of the all-reduce in flight
 
     def exchange(self, value: int) -> int:
