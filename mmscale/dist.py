@@ -11,6 +11,7 @@ process holding the whole batch. See mmscale/losses.py for the two ways the CLIP
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -100,6 +101,29 @@ def init_simulated_world(world: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world)})
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+
+
+def mirror_simulated_peers() -> None:
+    """In a simulated world (init_simulated_world), from now on every process group answers an
+    all-gather with this rank's tensor in every rank's place and a reduce-scatter with this rank's
+    own slice, instead of the uninitialised memory the fake group leaves: the step's values stay
+    finite, so DeepSpeed does not skip the step (and with it the step's later collectives)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    def mirror(args):
+        kind = args.name.name
+        if kind == "ALLGATHER" and args.input_tensors:
+            mine = args.input_tensors[0].reshape(-1)
+            for out in args.output_tensors:  # one per rank, or one flat buffer of all ranks
+                out.view(-1).copy_(mine.repeat(out.numel() // mine.numel()))
+        elif kind == "REDUCE_SCATTER" and args.input_tensors:
+            for out in args.output_tensors:
+                out.view(-1).copy_(args.input_tensors[0].reshape(-1)[:out.numel()])
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        group.register_pre_hook(0, mirror)
+    # a Python hook still registered when the interpreter shuts down crashes it (SIGSEGV)
+    atexit.register(lambda: [group.unregister_pre_hook(0) for group in groups])
 
 
 def store_client(timeout_s: float):

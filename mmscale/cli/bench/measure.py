@@ -87,6 +87,9 @@ def main(argv=None) -> int:
         init_simulated_world(args.simulate_ranks)
 
     cfg, trainer = build(args)
+    if args.simulate_ranks:
+        from mmscale.dist import mirror_simulated_peers
+        mirror_simulated_peers()  # now that DeepSpeed made its groups
     batches = Batches(trainer, args.synthetic)
     # the step's own growth: peak RSS (or CUDA max allocated) above what is held before the first
     # step (the model, the optimizer, a --synthetic batch)
