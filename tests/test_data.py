@@ -108,6 +108,10 @@ def test_images_travel_as_bytes_and_normalise_on_the_device_exactly():
     kept = to_device({"image": raw[None], "skipped": 2}, torch.device("cpu"), torch.bfloat16, images="uint8")
     assert kept["image"].dtype == torch.uint8
     assert torch.equal(model_inputs(kept, torch.bfloat16)["image"], batch["image"])
+    from types import SimpleNamespace
+    from mmscale.engine.trainer import Trainer
+    on_device = Trainer.to_device(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16), {"image": raw[None]})
+    assert on_device["image"].dtype == torch.uint8  # what the trainer hands its step
 
 
 def test_cifar10_folders_from_shared():
