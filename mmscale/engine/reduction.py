@@ -22,8 +22,10 @@ of chunks; summed in bf16, each chunk would round the running sum once more.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
+from torch.profiler import record_function
 
 
 def cached_reduce_mode(zero_stage: int, setting: str) -> str:
@@ -83,15 +85,25 @@ class GradReduction:
 
     @contextlib.contextmanager
     def step(self):
-        """Around the backwards of one step; the reduction is done when it exits."""
-        with self.engine.coalesce_grad_reduction() if self.coalesce else contextlib.nullcontext():
+        """Around the backwards of one step; the reduction is done when it exits. A reduction run
+        here (coalesced, or ZeRO 0's after the fp32 sum) is the profiler range mmscale/reduce;
+        the others run inside the backwards."""
+        coalesced = self.engine.coalesce_grad_reduction() if self.coalesce else contextlib.nullcontext()
+        coalesced.__enter__()
+        try:
             yield
             if self.sum is not None:
-                self.sum.write_back()  # inside: the coalesced reduction runs at the exit
-        if self.deferred:
-            self.engine.set_gradient_accumulation_boundary(True)
-            if self.engine.enable_backward_allreduce:  # off on one rank (backend.initialize)
-                self.engine.allreduce_gradients()
+                self.sum.write_back()  # before the coalesced reduction, which runs at the exit
+        except BaseException:
+            if not coalesced.__exit__(*sys.exc_info()):
+                raise
+            return
+        with record_function("mmscale/reduce") if self.coalesce or self.deferred else contextlib.nullcontext():
+            coalesced.__exit__(None, None, None)
+            if self.deferred:
+                self.engine.set_gradient_accumulation_boundary(True)
+                if self.engine.enable_backward_allreduce:  # off on one rank (backend.initialize)
+                    self.engine.allreduce_gradients()
         self.engine.set_gradient_accumulation_boundary(True)  # engine.step() applies at a boundary
 
     def backward(self, surrogate: torch.Tensor, last: bool) -> None:

@@ -11,7 +11,8 @@ Images arrive as uint8 and are normalised chunk by chunk, just before their chun
 When the chunks' gradients cross ranks, and in which dtype, is reduction.py's.
 
 Each phase is a profiler range, `mmscale/<phase>` (forward, loss, backward, optimizer; the
-gradient cache's embed, loss, reforward_backward): named in any torch.profiler trace, and what
+gradient cache's embed, loss, reforward_backward; reduce, the step's one gradient reduction where
+it runs after the backwards, reduction.py): named in any torch.profiler trace, and what
 mmscale-bench times the phases by. With no profiler running, a range costs what a few small
 tensor ops do (~10 us on a CPU core).
 """
