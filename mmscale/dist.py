@@ -11,6 +11,7 @@ process holding the whole batch. See mmscale/losses/ for the two ways the CLIP l
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -71,6 +72,38 @@ def init_distributed(timeout_s: float | None = None) -> None:
         nccl = set_group_timeouts(timeout_s)
         kwargs["timeout"] = nccl if acc.communication_backend_name() == "nccl" else datetime.timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), **kwargs)
+
+
+def init_simulated_world(world: int) -> None:
+    """This process as rank 0 of `world` ranks over torch's fake process group, whose collectives
+    return at once and move nothing (a gather's output keeps whatever memory held). For counting
+    what one step of `world` ranks sends (mmscale-bench --simulate-ranks); never for training."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world)})
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+
+
+def mirror_simulated_peers() -> None:
+    """In a simulated world (init_simulated_world), from now on every process group answers an
+    all-gather with this rank's tensor in every rank's place and a reduce-scatter with this rank's
+    own slice, instead of the uninitialised memory the fake group leaves: the step's values stay
+    finite, so DeepSpeed does not skip the step (and with it the step's later collectives)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    def mirror(args):
+        kind = args.name.name
+        if kind == "ALLGATHER" and args.input_tensors:
+            mine = args.input_tensors[0].reshape(-1)
+            for out in args.output_tensors:  # one per rank, or one flat buffer of all ranks
+                out.view(-1).copy_(mine.repeat(out.numel() // mine.numel()))
+        elif kind == "REDUCE_SCATTER" and args.input_tensors:
+            for out in args.output_tensors:
+                out.view(-1).copy_(args.input_tensors[0].reshape(-1)[:out.numel()])
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        group.register_pre_hook(0, mirror)
+    # a Python hook still registered when the interpreter shuts down crashes it (SIGSEGV)
+    atexit.register(lambda: [group.unregister_pre_hook(0) for group in groups])
 
 
 def store_client(timeout_s: float):
@@ -342,7 +375,9 @@ class HostFlag:
 
     def __init__(self):
         world = rank_and_world()[1]
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        # a simulated world (init_simulated_world) has no peers for gloo to meet: a fake group too
+        backend = "fake" if world > 1 and dist.get_backend() == "fake" else "gloo"
+        self.group = dist.new_group(backend=backend) if world > 1 else None
         self.pending = None  # (work, tensor) of the all-reduce in flight
 
     def exchange(self, value: int) -> int:

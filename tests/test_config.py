@@ -97,6 +97,23 @@ def test_batch_must_divide_ranks_and_chunks():
     assert check_world(cfg, 2) == (32, 8)
 
 
+def test_gradient_reduction_keys():
+    """train.grad_cache_reduce=chunk needs ZeRO 2-3 (ZeRO 0-1 reduce once a step whatever it says);
+    the DeepSpeed config reduces in train.grad_reduce_dtype and, under bf16 with ZeRO 1-3, sums a
+    step's gradients in fp32 (ZeRO 0 has no such setting in DeepSpeed: engine/reduction.py's)."""
+    from mmscale.engine.backend import deepspeed_config
+    tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"train\.grad_cache_reduce: chunk needs ZeRO 2-3"):
+        load_config(tiny, ["train.zero_stage=1", "train.grad_cache_reduce=chunk"])
+    load_config(tiny, ["train.zero_stage=3", "train.grad_cache_reduce=chunk"])
+    for stage in range(4):
+        ds = deepspeed_config(load_config(tiny, [f"train.zero_stage={stage}", "train.precision=bf16"]), 32)
+        assert ds["communication_data_type"] == "fp32"
+        assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage else None)
+    ds = deepspeed_config(load_config(tiny, ["train.precision=bf16", "train.grad_reduce_dtype=bf16"]), 32)
+    assert ds["communication_data_type"] == "bf16"
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["optim.lr=0.5"])
     save_config(cfg, tmp_path / "c.yaml")

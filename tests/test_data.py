@@ -86,11 +86,12 @@ def test_digits_captions_and_augmentation_are_keyed():
 
 def test_images_travel_as_bytes_and_normalise_on_the_device_exactly():
     """The loader hands out uint8; normalize_images gives, bit for bit, what torchvision's
-    ToTensor + Normalize gave on the host, and to_device applies it to image batches only."""
+    ToTensor + Normalize gave on the host, and to_device (or, for the training step, model_inputs
+    after to_device kept them as bytes) applies it to image batches only."""
     from PIL import Image
     from torchvision import transforms as T
     from mmscale.data.images import CLIP_MEAN, CLIP_STD, normalize_images
-    from mmscale.data.stream import to_device
+    from mmscale.data.stream import model_inputs, to_device
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (5, 7, 3), generator=g, dtype=torch.uint8)
     image = Image.fromarray(pixels.numpy())
@@ -103,6 +104,14 @@ def test_images_travel_as_bytes_and_normalise_on_the_device_exactly():
                       torch.device("cpu"), torch.bfloat16)
     assert batch["image"].dtype == torch.bfloat16 and torch.equal(batch["image"][0], host.to(torch.bfloat16))
     assert batch["input_ids"].dtype == torch.long and batch["skipped"] == 2
+    # the trainer's: bytes on the device, normalised by the step chunk by chunk (model_inputs)
+    kept = to_device({"image": raw[None], "skipped": 2}, torch.device("cpu"), torch.bfloat16, images="uint8")
+    assert kept["image"].dtype == torch.uint8
+    assert torch.equal(model_inputs(kept, torch.bfloat16)["image"], batch["image"])
+    from types import SimpleNamespace
+    from mmscale.engine.trainer import Trainer
+    on_device = Trainer.to_device(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16), {"image": raw[None]})
+    assert on_device["image"].dtype == torch.uint8  # what the trainer hands its step
 
 
 def test_cifar10_folders_from_shared():

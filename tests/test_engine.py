@@ -187,8 +187,25 @@ def one_rank_reference(tmp_path_factory):
     return reference
 
 
+def test_the_world_a_checkpoint_was_written_by():
+    """Counted from the per-rank optimizer files: ZeRO 1-3's, and bf16 ZeRO 1's BF16_Optimizer's
+    (bf16_zero_pp_rank_*, which a 2 -> 1 rank resume otherwise loaded without conversion and
+    DeepSpeed refused); ZeRO 0 writes none."""
+    import tempfile
+    from mmscale.engine.checkpoint import saved_world
+    with tempfile.TemporaryDirectory() as root:
+        for prefix, ranks in (("", 2), ("bf16_", 3), (None, 0)):
+            folder = os.path.join(root, f"{prefix}{ranks}")
+            os.makedirs(folder)
+            for r in range(ranks):
+                open(os.path.join(folder, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), "w").close()
+            open(os.path.join(folder, "mp_rank_00_model_states.pt"), "w").close()
+            assert saved_world(folder) == (ranks or None)
+
+
 @pytest.mark.slow
-# ZeRO 1 is ZeRO 2's optimizer and checkpoint (stage_1_and_2.py). ZeRO 3 with several parameter
+# ZeRO 1 is ZeRO 2's optimizer and checkpoint (stage_1_and_2.py) in fp32 (under bf16, DeepSpeed's
+# BF16_Optimizer: test_the_world_a_checkpoint_was_written_by). ZeRO 3 with several parameter
 # groups is refused on another world (DeepSpeed's universal loading), so it runs with one group
 @pytest.mark.parametrize("stage,groups", [(2, True), (3, False)])
 def test_resume_on_another_number_of_ranks(stage, groups, one_rank_reference, tmp_path):

@@ -1,15 +1,17 @@
 """Gradient cache: exact full-batch gradients (1 process, and 2 gloo ranks under DeepSpeed
 ZeRO 0-3, ZeRO 3 with activation checkpointing), for every loss (InfoNCE global, local and ring, SigLIP
 with its three exchanges, whole and tiled), dropout and patch-dropout replay, and activation memory
-bounded by the chunk."""
+bounded by the chunk; across ranks, one gradient reduction per step (engine/reduction.py) and, in
+bf16, chunk gradients summed in fp32."""
 import json
+import math
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT
+from conftest import LONG, ROOT
 from distributed import run_ranks
 from mmscale.config import load_config
 from mmscale.gradcache import grad_cache_step
@@ -258,19 +260,25 @@ def test_activation_memory_is_bounded_by_the_chunk():
 
 # ---------------------------------------------------------------- DeepSpeed, 2 ranks
 
-# (ZeRO stage, overrides): the four stages, and ZeRO 3 with both towers' activation checkpointing
+# (ZeRO stage, overrides): the four stages (the gradients reduced as train.grad_cache_reduce=auto
+# does: once a step, per chunk under ZeRO 3), ZeRO 2 per chunk and ZeRO 3 once a step, and ZeRO 3
+# with both towers' activation checkpointing
 ZERO_RUNS = {"zero0": (0, []), "zero1": (1, []), "zero2": (2, []), "zero3": (3, []), "zero3_ckpt": (3, CKPT),
+             "zero2_chunk": (2, ["train.grad_cache_reduce=chunk"]), "zero3_step": (3, ["train.grad_cache_reduce=step"]),
              "zero0_siglip": (0, SIGLIP), "zero2_local_tiled": (2, LOSSES["infonce_local_tiled"]),
              "zero1_ring": (1, LOSSES["infonce_ring"]), "zero2_siglip_ring": (2, LOSSES["siglip_ring"]),
              "zero3_siglip_tiled": (3, LOSSES["siglip_tiled"])}
+CHUNKS = 4  # per rank: B // 2 ranks // chunk 2
 
 
 def _deepspeed_ranks(rank, world, out_dir, runs=tuple(ZERO_RUNS)):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     deepspeed.init_distributed(dist_backend="gloo")
+    from mmscale.cli.bench.instruments import CommCounter
     from mmscale.dist import all_reduce_sum
     from mmscale.engine.backend import initialize
+    from mmscale.engine.reduction import GradReduction
     for run in runs:
         stage, extra = ZERO_RUNS[run]
         cfg = tiny_cfg(f"train.zero_stage={stage}", "train.precision=fp32", f"train.global_batch_size={B}",
@@ -280,30 +288,41 @@ def _deepspeed_ranks(rank, world, out_dir, runs=tuple(ZERO_RUNS)):
         n = B // world
         local = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
         engine = initialize(model, cfg, n)  # the trainer's: DeepSpeed around torch's Adam
-
-        def backward(s, last):
-            engine.set_gradient_accumulation_boundary(last)
-            engine.backward(s)
-
-        loss, _ = grad_cache_step(engine, loss_fn(cfg), local, 2, backward, shared=SHARED)
+        reduction = GradReduction(engine, n // 2, cfg.train.grad_cache_reduce)  # the trainer's
+        with CommCounter() as count, reduction.step():
+            loss, _ = grad_cache_step(engine, loss_fn(cfg), local, 2, reduction.backward, shared=SHARED)
+        # the gradients' reductions: DeepSpeed's reducing collectives (the loss's gathers are mmscale's)
+        reduced = [r for r in count.table() if r["package"] == "deepspeed" and r["collective"] in
+                   ("all_reduce", "reduce_scatter", "reduce")]
         loss = torch.tensor(all_reduce_sum(loss) / world)  # the local losses (siglip, local) differ per rank; their mean is the loss
         grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
         if rank == 0:
-            torch.save({"loss": loss, "grads": grads, "reduces": engine.enable_backward_allreduce},
-                       os.path.join(out_dir, f"{run}.pt"))
+            torch.save({"loss": loss, "grads": grads, "reduces": engine.enable_backward_allreduce,
+                        "reduced": reduced, "per_chunk": reduction.mode == "chunk"}, os.path.join(out_dir, f"{run}.pt"))
         engine.step()
         engine.destroy()
 
 
 @pytest.mark.slow
 def test_deepspeed_zero_stages_equal_full_batch(tmp_path):
+    """2 ranks, 4 chunks each: the gradients equal the full batch's under every stage and loss, and
+    cross ranks once a step (one reducing collective over every gradient, counted by the bench's
+    CommCounter) except ZeRO 2-3 with train.grad_cache_reduce=chunk (ZeRO 3's default): 4."""
     run_ranks(_deepspeed_ranks, 2, str(tmp_path))
     report = {}
-    for run, (_, extra) in ZERO_RUNS.items():
+    for run, (stage, extra) in ZERO_RUNS.items():
         cfg = tiny_cfg("model.learn_temperature=true", *extra)
         model = make_model(cfg)
         ref_loss, ref = full_batch_grads(model, make_batch(model), cfg)
         got = torch.load(tmp_path / f"{run}.pt")
+        passes = CHUNKS if got["per_chunk"] else 1
+        asked = next((o.split("=")[1] for o in extra if o.startswith("train.grad_cache_reduce=")), "auto")
+        assert got["per_chunk"] == (asked == "chunk" or asked == "auto" and stage == 3), run
+        assert sum(r["calls"] for r in got["reduced"]) == passes, (run, got["reduced"])
+        # every gradient once a pass (give or take ZeRO 3's padding, and the temperature's, which
+        # comes with one chunk only)
+        volume = sum(r["bytes"] for r in got["reduced"]) / (4 * sum(g.numel() for g in ref.values()))
+        assert volume == pytest.approx(passes, rel=0.01), (run, got["reduced"])
         assert torch.allclose(got["loss"], ref_loss, atol=1e-6), run
         diffs = []
         for name, g in ref.items():
@@ -313,6 +332,85 @@ def test_deepspeed_zero_stages_equal_full_batch(tmp_path):
         report[run] = max(diffs)
     print("max abs grad diff vs single-process full batch:", json.dumps(report))
 
+
+
+# ---------------------------------------------------------------- bf16: chunks summed in fp32
+
+BF16_CHUNKS = (2, 8, 32)  # chunks per rank of 32 samples; 1 is the plain step
+BF16_BATCH = 64  # 2 ranks x 32
+
+
+class _ClipTask:
+    """The trainer's view of the dual encoder (tasks/clip.py's forward and loss), for TrainStep."""
+    shared_outputs = SHARED
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def forward(self, model, batch, progress):
+        return model(batch)
+
+    def loss(self, out, batch, progress):
+        return clip_loss(out, self.cfg.loss), {}
+
+
+def bf16_batch(model, n):
+    """make_batch's captions with uint8 images, as the loaders hand them out (the step normalises
+    them chunk by chunk)."""
+    g = torch.Generator().manual_seed(2)
+    return {**make_batch(model, n=n), "image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)}
+
+
+def _bf16_ranks(rank, world, out_dir, runs):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    deepspeed.init_distributed(dist_backend="gloo")
+    from mmscale.engine.backend import initialize
+    from mmscale.engine.step import TrainStep
+    n = BF16_BATCH // world
+    for stage, mode in runs:
+        for chunks in (1, *BF16_CHUNKS):
+            cfg = tiny_cfg(f"train.zero_stage={stage}", "train.precision=bf16", f"train.global_batch_size={BF16_BATCH}",
+                           "model.learn_temperature=true", f"train.grad_cache_reduce={mode}")
+            model = make_model(cfg)
+            local = {k: v[rank * n:(rank + 1) * n] for k, v in bf16_batch(model, BF16_BATCH).items()}
+            engine = initialize(model, cfg, n)
+            step = TrainStep(engine, _ClipTask(cfg), n, n // chunks, mode, torch.bfloat16)  # the trainer's step
+            step.forward_backward(local, None)
+            grads = {name: safe_get_full_grad(p).float() for name, p in engine.module.named_parameters()}
+            if rank == 0:
+                torch.save(grads, os.path.join(out_dir, f"zero{stage}-{mode}-{chunks}.pt"))
+            engine.destroy()
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over every parameter's gradient."""
+    diff = sum(((a[k].reshape(b[k].shape) - b[k]) ** 2).sum() for k in b)
+    return float((diff / sum((v ** 2).sum() for v in b.values())).sqrt())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runs", [[(2, "auto"), (3, "step"), (0, "auto")],
+                                  pytest.param([(1, "auto"), (3, "auto")], marks=LONG)],
+                         ids=["zero2-zero3step-zero0", "zero1-zero3chunk"])
+def test_bf16_chunks_are_summed_in_fp32(tmp_path, runs):
+    """bf16 on 2 ranks, 32 samples each in 2, 8 and 32 chunks: the cached step's gradients stay
+    within sqrt(2) u of the plain bf16 step's (u = 2^-8, bf16's unit roundoff; relative, in norm over
+    every gradient) for every number of chunks. The bound: the plain step rounds its gradient to
+    bf16 once, the cached step once more (its fp32 sum of the chunks' bf16 gradients, before the
+    reduction), each rounding at most u of every element, and independent roundings add in
+    quadrature. Summed in bf16 (what DeepSpeed does by itself under ZeRO 0 and coalesced ZeRO 2-3)
+    every chunk rounds the running sum once more: about u sqrt(C / 6) more, which grows with C
+    (measured with the fp32 sum switched off: 3.1e-3, 4.6e-3 and 6.8e-3 for 2, 8, 32 chunks under
+    ZeRO 2, 7.2e-3 under ZeRO 0 at 32: over the bound)."""
+    run_ranks(_bf16_ranks, 2, str(tmp_path), runs)
+    bound = math.sqrt(2) * 2 ** -8
+    for stage, mode in runs:
+        plain = torch.load(tmp_path / f"zero{stage}-{mode}-1.pt")
+        diffs = {c: relative_difference(torch.load(tmp_path / f"zero{stage}-{mode}-{c}.pt"), plain) for c in BF16_CHUNKS}
+        print(f"ZeRO {stage} ({mode}) bf16, cached step vs plain step, by chunks per rank: "
+              + ", ".join(f"{c}: {d:.2e}" for c, d in diffs.items()) + f" (bound {bound:.2e})")
+        assert all(d <= bound for d in diffs.values()), (stage, mode, diffs, bound)
 
 def test_one_rank_zero0_skips_the_identity_reduction():
     """On one rank, ZeRO 0 leaves out DeepSpeed's gradient all-reduce (a flatten, an all-reduce and a
@@ -340,3 +438,4 @@ def test_a_trainable_batchnorm_tower_is_refused_under_the_cache():
     for p in bn.parameters():
         p.requires_grad_(False)
     check_exact({"image": bn, "text": nn.LayerNorm(4)})  # frozen: fine
+

@@ -348,8 +348,18 @@ class TrainConfig:
                                  "local batch)", range=">= 0")
     epochs: int = f(0, "passes over the data (train.steps, if > 0, wins)", range=">= 0")
     steps: int = f(0, "> 0 overrides epochs", range=">= 0")
+    grad_cache_reduce: Literal["auto", "step", "chunk"] = f(
+        "auto", "with the gradient cache under ZeRO 2-3, when the chunks' gradients are reduced across ranks: step "
+        "(once per optimizer step, DeepSpeed's coalesce_grad_reduction; each rank holds its full local gradients "
+        "through the step, bf16 ones in an fp32 sum), chunk (after every chunk's backward: C reductions a step, "
+        "only the rank's gradient partition held); auto: step under ZeRO 2, chunk under ZeRO 3 (docs/PERFORMANCE.md "
+        "section 10). ZeRO 0-1 always reduce once per step (chunk is refused there)")
     zero_stage: int = f(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
-    precision: Literal["fp32", "bf16"] = f("bf16", "bf16: DeepSpeed's bf16 mixed precision")
+    precision: Literal["fp32", "bf16"] = f("bf16", "bf16: DeepSpeed's bf16 mixed precision; the gradients of a "
+                                                   "step's chunks are summed in fp32")
+    grad_reduce_dtype: Literal["fp32", "bf16"] = f(
+        "fp32", "the dtype gradients cross ranks in (DeepSpeed's communication_data_type): fp32 sums every rank's "
+        "gradient in fp32; bf16 halves the bytes and rounds each rank's share before the sum")
     seed: int = f(0, "seed of the initial weights and the per-step randomness (dropout, mixup)")
     log_every: int = f(10, "steps between logged training metrics", range=">= 1")
     sample_log: bool = f(False, "write <run_dir>/samples/rank<R>.jsonl: the ids of the samples of every step on "

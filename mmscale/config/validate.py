@@ -38,6 +38,9 @@ def validate_run(cfg: Config) -> None:
             raise ConfigError("data.num_samples: required (> 0) for data.type webdataset")
     if d.sources:
         validate_sources(d)
+    if t.grad_cache_reduce == "chunk" and t.zero_stage < 2:
+        raise ConfigError(f"train.grad_cache_reduce: chunk needs ZeRO 2-3; ZeRO {t.zero_stage} keeps every rank's "
+                          f"full gradients and reduces them once per step anyway: use auto or step")
     if t.ema.decay and t.zero_stage == 3:
         raise ConfigError("train.ema.decay: not supported under ZeRO 3 (each rank holds only its partition of the "
                           "weights); use train.zero_stage=2, or train.ema.decay=0")

@@ -40,19 +40,33 @@ class Collate:
         return batch
 
 
-def to_device(batch: dict, device, dtype) -> dict:
-    """A batch on the device: uint8 image batches ([B, 3, H, W]) normalised there into `dtype`,
-    other floats cast to `dtype`, integers as they are, non-tensors (counts) untouched. The copies
-    do not block (the loader's memory is pinned on CUDA)."""
+def is_image_batch(v) -> bool:
+    """uint8 [B, 3, H, W]: images as the loaders hand them out."""
+    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim == 4
+
+
+def to_device(batch: dict, device, dtype, images: str = "normalised") -> dict:
+    """A batch on the device: uint8 image batches normalised there into `dtype` (images="uint8":
+    kept as bytes, for `model_inputs` to normalise later), other floats cast to `dtype`, integers
+    as they are, non-tensors (counts) untouched. The copies do not block (the loader's memory is
+    pinned on CUDA)."""
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):
             out[k] = v
-        elif v.dtype == torch.uint8 and v.ndim == 4:
-            out[k] = normalize_images(v.to(device, non_blocking=True), dtype)
+        elif is_image_batch(v):
+            v = v.to(device, non_blocking=True)
+            out[k] = v if images == "uint8" else normalize_images(v, dtype)
         else:
             out[k] = v.to(device, dtype if v.is_floating_point() else None, non_blocking=True)
     return out
+
+
+def model_inputs(batch: dict, dtype) -> dict:
+    """What a model's forward takes from a batch (or a gradient-cache chunk of one) on the device:
+    uint8 image batches normalised into `dtype` where they are, the rest as it is. The training
+    step calls it per chunk, so a step holds one chunk's images as floats at a time."""
+    return {k: normalize_images(v, dtype) if is_image_batch(v) else v for k, v in batch.items()}
 
 
 def collate_images_labels(items):

@@ -26,9 +26,15 @@ def deepspeed_config(cfg: Config, local_batch: int, load_universal: bool = False
         "gradient_accumulation_steps": 1,  # gradient-cache chunks mark the boundary themselves
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
+        # the dtype gradients cross ranks in; DeepSpeed's default under bf16 is bf16
+        "communication_data_type": t.grad_reduce_dtype,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if t.precision == "bf16" and t.zero_stage >= 1:
+        # gradients summed over a step's backwards in fp32: ZeRO 1 then takes DeepSpeed's BF16_Optimizer,
+        # ZeRO 2-3 keep fp32 gradient partitions. DeepSpeed has no fp32 sum under ZeRO 0: reduction.py's
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if o.grad_clip > 0:
         ds["gradient_clipping"] = o.grad_clip
     if load_universal:  # resuming a checkpoint written by another number of ranks (engine/checkpoint.py)

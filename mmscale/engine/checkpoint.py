@@ -192,8 +192,9 @@ def caught_writes(engine):
 
 def saved_world(folder: str) -> int | None:
     """How many data-parallel ranks wrote the checkpoint in `folder`, from its per-rank ZeRO
-    optimizer files; None for ZeRO 0, whose files do not depend on it."""
-    return len(glob.glob(os.path.join(folder, "zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
+    optimizer files (bf16_zero_pp_rank_* from ZeRO 1's BF16_Optimizer under bf16); None for ZeRO 0,
+    whose files do not depend on it."""
+    return len(glob.glob(os.path.join(folder, "*zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
 
 
 def to_universal(folder: str) -> str:

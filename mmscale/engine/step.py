@@ -6,8 +6,13 @@ that is not logged never waits for the device. The one exception is the non-fini
 bare torch optimizer (ZeRO 0 in fp32), which has to know before it steps; under ZeRO 1-3 and
 DeepSpeed's bf16 optimizer that check is DeepSpeed's own (and so is its wait).
 
+Images arrive as uint8 and are normalised chunk by chunk, just before their chunk is embedded
+(data.stream.model_inputs): the step holds its batch as bytes, a quarter of float32's size.
+When the chunks' gradients cross ranks, and in which dtype, is reduction.py's.
+
 Each phase is a profiler range, `mmscale/<phase>` (forward, loss, backward, optimizer; the
-gradient cache's embed, loss, reforward_backward): named in any torch.profiler trace, and what
+gradient cache's embed, loss, reforward_backward; reduce, the step's one gradient reduction where
+it runs after the backwards, reduction.py): named in any torch.profiler trace, and what
 mmscale-bench times the phases by. With no profiler running, a range costs what a few small
 tensor ops do (~10 us on a CPU core).
 """
@@ -18,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from ..data.stream import model_inputs
 from ..gradcache import grad_cache_step
+from .reduction import GradReduction
 
 
 @dataclass
@@ -29,9 +36,11 @@ class StepResult:
 
 
 class TrainStep:
-    def __init__(self, engine, task, local_batch: int, chunk: int):
+    def __init__(self, engine, task, local_batch: int, chunk: int, reduce: str = "auto",
+                 dtype: torch.dtype = torch.float32):
         self.engine, self.task = engine, task
-        self.local_batch, self.chunk = local_batch, chunk
+        self.local_batch, self.chunk, self.dtype = local_batch, chunk, dtype
+        self.reduction = GradReduction(engine, local_batch // chunk, reduce)
         # ZeRO 1-3 (and DeepSpeed's bf16 optimizer) skip a step whose gradients are not finite by
         # themselves; on a bare torch optimizer (ZeRO 0, fp32) this step checks before stepping
         self.checks_grads = not hasattr(engine.optimizer, "overflow")
@@ -44,26 +53,23 @@ class TrainStep:
             applied = self.optimizer_step()
         return StepResult(loss, metrics, applied)
 
-    def _backward(self, surrogate: torch.Tensor, last: bool) -> None:
-        self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(surrogate)
-
     def forward_backward(self, batch: dict, progress) -> tuple[torch.Tensor, dict]:
-        """Gradients of the task loss over the whole local batch, accumulated in the engine."""
+        """Gradients of the task loss over the whole local batch, reduced across ranks."""
         def forward(b):
-            return self.task.forward(self.engine, b, progress)
+            return self.task.forward(self.engine, model_inputs(b, self.dtype), progress)
 
         def loss_fn(out):
             return self.task.loss(out, batch, progress)
-        if self.chunk < self.local_batch:
-            return grad_cache_step(forward, loss_fn, batch, self.chunk, self._backward,
-                                   shared=self.task.shared_outputs)
-        with record_function("mmscale/forward"):
-            out = forward(batch)
-        with record_function("mmscale/loss"):
-            loss, metrics = loss_fn(out)
-        with record_function("mmscale/backward"):
-            self._backward(loss, True)
+        with self.reduction.step():
+            if self.chunk < self.local_batch:
+                return grad_cache_step(forward, loss_fn, batch, self.chunk, self.reduction.backward,
+                                       shared=self.task.shared_outputs)
+            with record_function("mmscale/forward"):
+                out = forward(batch)
+            with record_function("mmscale/loss"):
+                loss, metrics = loss_fn(out)
+            with record_function("mmscale/backward"):
+                self.reduction.backward(loss, True)
         return loss.detach(), metrics
 
     def optimizer_step(self) -> bool:

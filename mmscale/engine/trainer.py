@@ -77,7 +77,7 @@ class Trainer:
         self.engine = backend.initialize(model, cfg, self.local_batch, step_lr_lambda(cfg.optim, self.total_steps),
                                          load_universal=universal, groups=groups)
         self.checkpoints.attach(self.engine)
-        self.step_fn = TrainStep(self.engine, task, self.local_batch, self.chunk)
+        self.step_fn = TrainStep(self.engine, task, self.local_batch, self.chunk, t.grad_cache_reduce, self.dtype)
 
         self.ema = WeightEMA(self.engine.module, t.ema.decay) if t.ema.decay else None
         self.state, self.skipped = TrainState(self.device), SkipCounter()
@@ -96,7 +96,8 @@ class Trainer:
     # ------------------------------------------------------------ one step
 
     def to_device(self, batch: dict) -> dict:
-        return to_device(batch, self.device, self.dtype)
+        """The batch on the device, its images still uint8: the step normalises them chunk by chunk."""
+        return to_device(batch, self.device, self.dtype, images="uint8")
 
     def train_step(self, batch: dict) -> StepResult:
         # per-step seeding keeps dropout/augmentation/mixup identical across a resume

@@ -1,6 +1,7 @@
 """What mmscale-bench measures, each by one instrument: the step's phases (from its profiler
-ranges) and its communication, host reads of device values, memory, the towers' attention kernels,
-FLOP per sample, and the device and versions the numbers belong to."""
+ranges) and its communication (time, and calls and bytes by collective), host reads of device
+values, memory, the towers' attention kernels, FLOP per sample, and the device and versions the
+numbers belong to."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ PEAK_TFLOPS = {("H100", "bf16"): 989.0, ("H200", "bf16"): 989.0, ("A100", "bf16"
 PACKAGES = ("mmscale", "deepspeed", "transformers", "timm", "open_clip", "torch")
 PHASE = "mmscale/"  # the step's profiler ranges: mmscale/forward, mmscale/embed, ...
 COMM = re.compile(r"all_reduce|allreduce|all_gather|allgather|reduce_scatter|broadcast|gloo|nccl", re.IGNORECASE)
+BACKEND_ROW = re.compile(r"(gloo|nccl|mpi|ucc|xccl|ccl):")  # a backend's row for one collective's work
 
 
 
@@ -44,8 +46,83 @@ def profiled_phases(run, device) -> tuple[dict, float]:
             span = (e.time_range.end - e.time_range.start) / 1e6
             (host if e.device_type == DeviceType.CPU else on_device)[e.name[len(PHASE):]] += span
     comm = sum((e.device_time_total if device.type == "cuda" else e.cpu_time_total)
-               for e in prof.key_averages() if COMM.search(e.key)) / 1e6
+               for e in collective_rows(prof.events())) / 1e6
     return {k: max(v, on_device.get(k, 0.0)) for k, v in host.items()}, comm
+
+
+def collective_rows(events) -> list:
+    """The profiler rows that are collectives, each collective once: the backend's own row
+    (gloo:all_gather on gloo's worker thread; nccl:all_reduce, whose device time holds its
+    kernels), or for a backend that names none, the innermost host row whose name says
+    collective. One collective shows as several rows (on 2 gloo ranks an all-gather matched 3
+    in a bare gather, 7 inside DeepSpeed: the autograd function, DeepSpeed's wrapper, c10d's op,
+    gloo's work) and each row's time includes its children's, so summing every match counted it
+    several times."""
+    from torch.autograd import DeviceType
+    rows = [e for e in events if e.device_type == DeviceType.CPU and COMM.search(e.name)]
+    backend = [e for e in rows if BACKEND_ROW.match(e.name)]
+    if backend:
+        return backend
+
+    def has_matching_descendant(e):
+        return any(COMM.search(c.name) or has_matching_descendant(c) for c in e.cpu_children)
+    return [e for e in rows if not has_matching_descendant(e)]
+
+
+class CommCounter:
+    """Counts the collectives this process issues, with their bytes, by (collective, dtype, the
+    package that called it: deepspeed, mmscale, ...), through torch's pre-hook on every process
+    group that exists when it starts (so after DeepSpeed made its groups): every path reaches it,
+    whoever bound which torch.distributed function. A collective's bytes are those of the whole
+    buffer it reduces or gathers (an all-reduce's or broadcast's tensor, a reduce-scatter's input,
+    an all-gather's output); over a ring of W ranks each rank sends 2 (W-1)/W of an all-reduce's
+    and (W-1)/W of a reduce-scatter's or all-gather's."""
+
+    HOOK_ID = 35  # any id; removed again on exit
+
+    def __init__(self):
+        self.counts = defaultdict(lambda: [0, 0])  # (collective, dtype, package) -> [calls, bytes]
+        self.groups = []
+
+    def __enter__(self):
+        from torch.distributed import distributed_c10d as c10d
+        self.groups = list(c10d._world.pg_map) if c10d.is_initialized() else []
+        for group in self.groups:
+            group.register_pre_hook(self.HOOK_ID, self._count)
+        return self
+
+    def __exit__(self, *exc):
+        for group in self.groups:
+            group.unregister_pre_hook(self.HOOK_ID)
+
+    def _count(self, args) -> None:
+        name = args.name.name.lower()  # HookOpName.ALLREDUCE -> "allreduce"
+        whole = args.output_tensors if name == "allgather" else args.input_tensors
+        dtype = str(whole[0].dtype).replace("torch.", "") if whole else "-"
+        key = (COLLECTIVE_NAMES.get(name, name), dtype, _calling_package(sys._getframe(1)))
+        self.counts[key][0] += 1
+        self.counts[key][1] += sum(t.numel() * t.element_size() for t in whole)
+
+    def table(self, steps: int = 1) -> list[dict]:
+        """The counts per step, one row per (collective, dtype, package)."""
+        return [{"collective": k[0], "dtype": k[1], "package": k[2], "calls": v[0] / steps, "bytes": v[1] / steps}
+                for k, v in sorted(self.counts.items())]
+
+
+COLLECTIVE_NAMES = {"allreduce": "all_reduce", "allgather": "all_gather", "reduce_scatter": "reduce_scatter",
+                    "alltoall": "all_to_all"}
+
+
+def _calling_package(frame) -> str:
+    """The package of the innermost caller outside torch (mmscale, deepspeed, transformers, ...),
+    told by the running module's name, not its file's path (a checkout under a folder named
+    mmscale/ must not make deepspeed's frames mmscale's)."""
+    while frame is not None:
+        package = frame.f_globals.get("__name__", "").partition(".")[0]
+        if package in PACKAGES and package != "torch":
+            return package
+        frame = frame.f_back
+    return "other"
 
 
 class SyncCounter:
@@ -84,16 +161,7 @@ class SyncCounter:
 
         def read(tensor, *args, **kwargs):
             if tensor.device.type == counter.device_type:
-                frame, who = sys._getframe(1), "other"
-                while frame is not None:
-                    # by the module that runs, not its file's path: a checkout or venv under a
-                    # folder named mmscale/ must not make deepspeed's frames mmscale's
-                    package = frame.f_globals.get("__name__", "").partition(".")[0]
-                    if package in PACKAGES and package != "torch":
-                        who = package
-                        break
-                    frame = frame.f_back
-                counter.counts[who] += 1
+                counter.counts[_calling_package(sys._getframe(1))] += 1
             return original(tensor, *args, **kwargs)
         return read
 
@@ -121,19 +189,39 @@ def attention_kernels(model) -> dict:
 
 def flop_per_sample(task, batch: dict, progress) -> dict:
     """FLOP of one forward and of one forward + backward of the task's model per sample, counted
-    by torch's FlopCounterMode on a fresh CPU copy of the model (outside DeepSpeed, whose hooks a
-    stray backward would disturb), on two samples of the batch."""
+    by `flop_counter` on a fresh CPU copy of the model (outside DeepSpeed, whose hooks a stray
+    backward would disturb), on two samples of the batch (its images normalised, as the step does)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    rows = {k: (v[:2].float() if v.is_floating_point() else v[:2]).cpu()
-            for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    from mmscale.data.stream import model_inputs
+    rows = model_inputs({k: v[:2].cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}, torch.float32)
+    rows = {k: v.float() if v.is_floating_point() else v for k, v in rows.items()}
     model = task.build_model().float()
-    with FlopCounterMode(display=False) as forward_only, torch.no_grad():
+    with flop_counter() as forward_only, torch.no_grad():
         task.forward(model, rows, progress)
-    with FlopCounterMode(display=False) as both:
+    with flop_counter() as both:
         loss, _ = task.loss(task.forward(model, rows, progress), rows, progress)
         loss.backward()
     return {"forward": forward_only.get_total_flops() / 2, "forward_backward": both.get_total_flops() / 2}
+
+
+def flop_counter():
+    """torch's FlopCounterMode, taught the CPU's attention kernel: on the CPU,
+    scaled_dot_product_attention runs `_scaled_dot_product_flash_attention_for_cpu` (and its
+    backward), which torch's table lacks, so attention counted 0 FLOP and a ViT-B/16 forward
+    came out 4% low. They get the formulas of the GPU kernels (QK^T and PV: 4 N^2 d a head's
+    forward), from torch's own sdpa_flop_count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
 def versions() -> dict:

@@ -3,13 +3,14 @@
     mmscale-bench recipes/tiny.yaml --synthetic
     mmscale-bench recipes/tiny.yaml --vs-open-clip ViT-S-32 --batch 64 --precision fp32
     torchrun --nproc_per_node 8 -m mmscale.cli.bench recipes/cmla.yaml --synthetic   # 8 GPUs
+    mmscale-bench recipes/cmla_random.yaml --synthetic --simulate-ranks 8 ...      # what 8 ranks send
 
 Runs W warm-up and N timed steps of the recipe's own step (the trainer's train_step: the task's
 forward and loss, the gradient cache when train.grad_cache_chunk is set, DeepSpeed's optimizer step)
 on the current device, then a few more under torch.profiler, timed phase by phase by the step's
 `mmscale/<phase>` ranges. Reports samples/s, the time split (data wait, forward or no-grad embed,
 loss, backward or re-forward + backward, optimizer; communication is measured inside those by the
-profiler), peak memory (CUDA max allocated, or the process's peak RSS on CPU), FLOP per sample
+profiler), the collectives of a step with their bytes (CommCounter), peak memory (CUDA max allocated, or the process's peak RSS on CPU), FLOP per sample
 (torch.utils.flop_counter on one forward + backward of the model) and MFU where the device's peak is
 known, the attention kernels the towers use, and host syncs per step: reads of device values
 (Tensor.item, bool, float, int, tolist, numpy), split into those of mmscale's loop and of DeepSpeed.
@@ -18,6 +19,9 @@ CLIP) and also runs open_clip's own trainer (open_clip_train.main, synthetic dat
 model, batch and precision, in the same invocation, and prints mmscale / open_clip; then it
 alternates mmscale's step with open_clip's model, ClipLoss and fused AdamW in a bare torch loop,
 step by step in this process (both see the same load: the steadier ratio on a shared machine).
+--simulate-ranks W runs this process as rank 0 of W over torch's fake process group, whose
+collectives move nothing: the counts and bytes are a W-rank step's, nothing else is (no peer's
+data arrives, so losses, times and gradients are not a W-rank run's).
 Writes everything as JSON.
 """
 from __future__ import annotations
@@ -29,8 +33,8 @@ import sys
 import tempfile
 import time
 
-from .instruments import (SyncCounter, attention_kernels, current_memory, device_name, flop_per_sample,
-                          peak_memory, peak_tflops, profiled_phases, synchronize, versions)
+from .instruments import (CommCounter, SyncCounter, attention_kernels, current_memory, device_name,
+                          flop_per_sample, peak_memory, peak_tflops, profiled_phases, synchronize, versions)
 from .openclip import interleaved_vs_bare_open_clip, open_clip_overrides, open_clip_rate
 from .report import report, save, table
 
@@ -56,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model in a bare loop alternated with mmscale's step (default: none)")
     p.add_argument("--open-clip-workers", type=int, default=1, help="open_clip's loader workers (default: 1)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (default: count)")
+    p.add_argument("--simulate-ranks", type=int, metavar="W",
+                   help="run as rank 0 of W ranks in this one process (torch's fake process group: collectives "
+                        "move nothing), to count what a W-rank step communicates; its times, memory and losses "
+                        "are not a W-rank run's (default: the launcher's ranks)")
     p.add_argument("--json", help="where to write the results (default: runs/bench/<recipe>-<time>.json)")
     p.add_argument("--table", nargs="+", metavar="JSON",
                    help="print earlier results as one markdown table instead of measuring (default: measure)")
@@ -70,17 +78,24 @@ def main(argv=None) -> int:
         return 0
     if not args.recipe:
         p.error("give a recipe (or --table JSON...)")
-    if args.vs_open_clip and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if (args.vs_open_clip or args.simulate_ranks) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every rank would start open_clip's trainer (a process group of its own) on the same GPUs
-        p.error("--vs-open-clip runs in one process: start mmscale-bench with plain python, not a launcher")
+        p.error("--vs-open-clip and --simulate-ranks run in one process: start mmscale-bench with plain python, "
+                "not a launcher")
+    if args.simulate_ranks:
+        from mmscale.dist import init_simulated_world
+        init_simulated_world(args.simulate_ranks)
 
     cfg, trainer = build(args)
+    if args.simulate_ranks:
+        from mmscale.dist import mirror_simulated_peers
+        mirror_simulated_peers()  # now that DeepSpeed made its groups
     batches = Batches(trainer, args.synthetic)
     # the step's own growth: peak RSS (or CUDA max allocated) above what is held before the first
     # step (the model, the optimizer, a --synthetic batch)
     start_memory = current_memory(trainer.device)
     warm_up(trainer, batches, args.warmup)
-    seconds, data_wait, syncs = timed_steps(trainer, batches, args.steps)
+    seconds, data_wait, syncs, comm = timed_steps(trainer, batches, args.steps)
     memory = peak_memory(trainer.device)
     split = phase_split(trainer, batches, args.split_steps, data_wait / args.steps)
 
@@ -92,9 +107,12 @@ def main(argv=None) -> int:
         "precision": t.precision, "zero_stage": t.zero_stage, "global_batch": t.global_batch_size,
         "grad_cache_chunk": trainer.chunk if trainer.chunk < trainer.local_batch else 0, "compile": t.compile,
         "synthetic": args.synthetic, "warmup": args.warmup, "steps": args.steps,
+        "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters()
+                          if p.requires_grad),  # ZeRO 3 leaves each rank a partition: ds_numel is the whole
         "samples_per_s": samples_per_s, "step_s": seconds / args.steps, "split_s": split, **memory,
         "memory_before_steps_gb": start_memory,
         "host_syncs_per_step": {k: v / args.steps for k, v in syncs.items()},
+        "collectives_per_step": comm.table(args.steps), "simulated_ranks": args.simulate_ranks or 0,
         "attention": attention_kernels(trainer.engine.module), "versions": versions(),
     }
     # the FLOP count and the interleaved comparison run on one device batch: the repeated one or the next
@@ -160,11 +178,11 @@ def warm_up(trainer, batches: Batches, steps: int) -> None:
         torch.cuda.reset_peak_memory_stats(trainer.device)
 
 
-def timed_steps(trainer, batches: Batches, steps: int) -> tuple[float, float, dict]:
+def timed_steps(trainer, batches: Batches, steps: int) -> tuple[float, float, dict, CommCounter]:
     """Seconds of `steps` steps, the device's work included; the seconds of those spent waiting
-    for batches; the host reads they made, by package."""
+    for batches; the host reads they made, by package; the collectives they ran."""
     data_wait = 0.0
-    with SyncCounter(trainer.device) as syncs:
+    with SyncCounter(trainer.device) as syncs, CommCounter() as comm:
         tic = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -173,7 +191,7 @@ def timed_steps(trainer, batches: Batches, steps: int) -> tuple[float, float, di
             trainer.train_step(batch)
         synchronize(trainer.device)
         seconds = time.perf_counter() - tic
-    return seconds, data_wait, dict(syncs.counts)
+    return seconds, data_wait, dict(syncs.counts), comm
 
 
 def phase_split(trainer, batches: Batches, steps: int, data_wait: float) -> dict:

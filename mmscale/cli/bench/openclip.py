@@ -63,13 +63,15 @@ def interleaved_vs_bare_open_clip(model: str, trainer, batch: dict, precision: s
     import torch
     from open_clip.loss import ClipLoss
 
+    from mmscale.data.images import normalize_images
+
     device = trainer.device
     sync = functools.partial(synchronize, device)
     net = open_clip.create_model(model).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     clip_loss = ClipLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    images, texts = batch["image"].float(), batch["input_ids"]
+    images, texts = normalize_images(batch["image"]), batch["input_ids"]  # the batch holds them as uint8
 
     def bare_step():
         with autocast:

@@ -44,6 +44,13 @@ def report(r: dict) -> str:
              "  host syncs/step     " + (", ".join(f"{k} {v:.1f}" for k, v in sorted(r["host_syncs_per_step"].items()))
                                         or "none"),
              "  attention           " + "; ".join(f"{k}: {v}" for k, v in r["attention"].items())]
+    if r.get("collectives_per_step"):
+        rows = r["collectives_per_step"]
+        sim = f", as rank 0 of {r['simulated_ranks']} simulated ranks" if r.get("simulated_ranks") else ""
+        lines.append(f"  collectives/step    {sum(c['calls'] for c in rows):g}, {sum(c['bytes'] for c in rows) / 1e6:.3f} "
+                     f"MB of buffers{sim}:")
+        lines += [f"    {c['collective']} {c['dtype']} ({c['package']}): {c['calls']:g} x, {c['bytes'] / 1e6:.3f} MB"
+                  for c in rows]
     if "flop_per_sample" in r:
         f = r["flop_per_sample"]
         lines.append(f"  FLOP/sample         {f['forward_backward'] / 1e9:.2f} G forward+backward "
