@@ -381,7 +381,7 @@ def test_build_shards_label_column_feeds_the_classifier(tmp_path):
     assert data.classnames == ["apple", "zebra"]
     by_caption = {}
     for i in range(len(data.train)):
-        _, caption, label, _ = data.train[(0, 0, i)]
+        _, caption, label, _, _ = data.train[(0, 0, i)]
         by_caption[caption] = data.classnames[label]
     assert by_caption == {f"photo {i}": ["zebra", "apple"][i % 2] for i in range(6)}
 
