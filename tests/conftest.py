@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
-# cases that repeat another case's mechanism on other inputs, left out of the default suite (and
-# CI's 20 minutes on 2 cores): MMSCALE_LONG_TESTS=1 runs them
+# cases that repeat another case's mechanism on other inputs, left out of the default suite (kept
+# near 20 minutes on 2 cores): MMSCALE_LONG_TESTS=1 runs them
 LONG = pytest.mark.skipif(os.environ.get("MMSCALE_LONG_TESTS") != "1",
                           reason="opt-in: MMSCALE_LONG_TESTS=1 (a second case of a mechanism the suite tests)")
 
