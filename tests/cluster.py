@@ -7,7 +7,8 @@ on a node also gets a UTS namespace whose hostname is the node's name, an /etc/h
 that name resolves to 127.0.0.1 (the Debian and container default that breaks gloo's address
 choice; the other nodes' names resolve to their addresses, as cluster DNS gives them) and a
 private /tmp (a mount namespace with its own tmpfs). What the nodes share is the file system
-outside /tmp: the repository, its .venv and `cluster.shared`, the run folders' shared file system.
+outside /tmp, `cluster.shared` (the run folders' shared file system) and the folder a command
+runs in (the repository and its .venv, even in a clone under /tmp).
 
 Needs root and iproute2/util-linux (`ip`, `unshare`); `skip_reason()` says in one line why a test
 cannot run. Everything started on a node is killed, and the namespaces deleted, by `stop()` (the
@@ -129,6 +130,8 @@ class Cluster:
         hosts = list(self.net.hosts())
         # the shared file system: not under /tmp, which every node has its own of
         self.shared = tempfile.mkdtemp(prefix=f"mmscale-cluster-{self.id}-", dir="/var/tmp")
+        self.keep_mount = os.path.join(self.shared, ".keep")  # a mount point, inside a node's namespace only
+        os.makedirs(self.keep_mount)
         os.chmod(self.shared, 0o755)  # munged wants every folder above its socket searchable
         with open(os.path.join(self.shared, "owner.pid"), "w") as f:  # see reap_stale
             f.write(str(os.getpid()))
@@ -168,12 +171,19 @@ class Cluster:
               log: str | None = None) -> subprocess.Popen:
         """cmd on the node (own hostname, /etc/hosts, /tmp), in a session of its own; its output
         goes to `log` (a file) or is captured (stdout and stderr together)."""
-        setup = ('hostname "$0" && mount --bind "$1" /etc/hosts && mount -t tmpfs -o size=2g tmpfs /tmp '
-                 '&& shift && exec "$@"')
+        # a working folder under /tmp (a clone in /tmp/x/mmscale, its .venv) would vanish under the
+        # node's own /tmp: it is bound aside ($2) before the tmpfs is mounted, and back after
+        keep = os.path.realpath(cwd) if cwd and os.path.realpath(cwd).startswith("/tmp/") else ""
+        setup = ('hostname "$0" && mount --bind "$1" /etc/hosts '
+                 '&& { [ -z "$3" ] || mount --bind "$3" "$2"; } '
+                 '&& mount -t tmpfs -o size=2g tmpfs /tmp '
+                 '&& { [ -z "$3" ] || { mkdir -p "$3" && mount --bind "$2" "$3" && umount "$2"; }; } '
+                 '&& shift 3 && exec "$@"')
         # nsenter --net rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup
         # (slurmd stops without it)
         full = ["unshare", "--uts", "--mount", "--propagation", "private", "--",
-                "nsenter", f"--net=/run/netns/{node.ns}", "--", "sh", "-c", setup, node.name, node.hosts, *cmd]
+                "nsenter", f"--net=/run/netns/{node.ns}", "--", "sh", "-c", setup, node.name, node.hosts,
+                self.keep_mount, keep, *cmd]
         out = open(log, "w") if log else subprocess.PIPE
         proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
