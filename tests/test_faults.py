@@ -251,13 +251,23 @@ if _fail:
         return _save(obj, f, *args, **kwargs)
 
     torch.save = _enospc_save
+    import shutil
+    _copyfile = shutil.copyfile
+
+    def _enospc_copyfile(src, dst, *args, **kwargs):  # DeepSpeed copies zero_to_fp32.py on rank 0 alone
+        if all(p in str(dst) for p in _fail.split(",")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return _copyfile(src, dst, *args, **kwargs)
+
+    shutil.copyfile = _enospc_copyfile
 '''
 
 
 @pytest.mark.slow
 def test_a_failed_save_on_one_rank_is_agreed_and_continue_trains_on(reference, tmp_path, monkeypatch):
     """A writer raising ENOSPC for rank 1's optimizer file of step 2 only: both ranks agree the save
-    failed; with train.on_checkpoint_error=continue the run trains on and step 4 saves."""
+    failed; with train.on_checkpoint_error=continue the run trains on and step 4 saves. Then rank 0's
+    own copy of zero_to_fp32.py fails, with the default exit mode."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(ENOSPC_WRITER)
@@ -274,7 +284,11 @@ def test_a_failed_save_on_one_rank_is_agreed_and_continue_trains_on(reference, t
     assert open(os.path.join(ckpts, "latest")).read() == "step00000004"
     a, b = step_losses(reference), step_losses(cut)
     assert sorted(b) == [1, 2, 3, 4] and all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a)
-    # exit mode: 74, nothing of step 2 left, and the rerun starts over cleanly (no checkpoint yet)
+    # exit mode: 74, nothing of step 2 left, and the rerun starts over cleanly (no checkpoint yet).
+    # This time the write that fails is one rank 0 makes alone, outside DeepSpeed's checkpoint
+    # engine (its copy of zero_to_fp32.py into checkpoints/): rank 0 must still meet rank 1 in save_checkpoint's
+    # last barrier (skipping it hung the ranks once on a full disk).
+    monkeypatch.setenv("MMSCALE_TEST_ENOSPC", "checkpoints/zero_to_fp32.py")  # (at every save)
     cut2 = str(tmp_path / "cut2")
     rc, out = run_to_end(launch(cut2, *COMMON, ranks=2))
     assert rc == 74 and "checkpoint at step 2 not saved" in mmscale_lines(out)[0], out[-3000:]

@@ -153,9 +153,12 @@ def manifest_problem(folder: str) -> str | None:
 
 @contextlib.contextmanager
 def caught_writes(engine):
-    """DeepSpeed's checkpoint writes (makedirs, save) record their first error instead of raising
-    it: a rank that raised half-way through save_checkpoint would leave the others waiting in
-    its collectives. Yields the list the errors land in."""
+    """DeepSpeed's checkpoint writes record their first error instead of raising it: a rank that
+    raised half-way through save_checkpoint would skip its last barrier and leave the others
+    waiting there (while it waited in ours: a hang, not a timeout). The writes are the checkpoint
+    engine's makedirs and save, and the copy of zero_to_fp32.py into the checkpoint folder that
+    rank 0 makes alone, outside that engine (the first write to fail on a full disk, since it comes
+    last). Yields the list the errors land in."""
     errors: list = []
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is None:
@@ -180,14 +183,15 @@ def caught_writes(engine):
                               if left is not None and left < 1 << 20 else e)
         return guarded
 
-    originals = {name: getattr(ce, name) for name in ("save", "makedirs") if hasattr(ce, name)}
-    for name, write in originals.items():
-        setattr(ce, name, guard(write))
+    writers = [(ce, name) for name in ("save", "makedirs") if hasattr(ce, name)]
+    writers += [(engine, "_copy_recovery_script")] if hasattr(engine, "_copy_recovery_script") else []
+    for owner, name in writers:
+        setattr(owner, name, guard(getattr(owner, name)))
     try:
         yield errors
     finally:
-        for name in originals:
-            ce.__dict__.pop(name, None)
+        for owner, name in writers:
+            owner.__dict__.pop(name, None)
 
 
 def saved_world(folder: str) -> int | None:
