@@ -16,6 +16,7 @@ cannot run. Everything started on a node is killed, and the namespaces deleted, 
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import random
@@ -36,6 +37,7 @@ def _run(*cmd, check=True):
     return p.stdout
 
 
+@functools.lru_cache(maxsize=None)  # one probe per test session
 def skip_reason() -> str | None:
     """None when this machine can make namespaced nodes, else one line saying what is missing."""
     if os.geteuid() != 0:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cluster import skip_reason as cluster_skip_reason
 from conftest import LONG, PY, ROOT, free_port
 from helpers import (OPEN_CLIP_TOWERS, events, finish, fp32_master, kill_tree, launch, records, step_losses,
                      views_config, write_digit_files, write_digit_shards, write_views)
@@ -265,8 +266,11 @@ def launch_ranks(run_dir, *overrides, world=2):
 
 
 @pytest.mark.slow
-# a hung rank (SIGSTOP) meets the same heartbeat timeout as a dead one
-@pytest.mark.parametrize("how", [pytest.param("SIGSTOP", marks=LONG), "SIGKILL"])
+# a hung rank (SIGSTOP) meets the same heartbeat timeout as a dead one. Where the simulated cluster
+# runs, test_multinode's lost node (kill -9, named by the same heartbeat, exit 69, then a resume from
+# latest) is this mechanism's default case and this single-host one is opt-in too
+@pytest.mark.parametrize("how", [pytest.param("SIGSTOP", marks=LONG),
+                                 pytest.param("SIGKILL", marks=LONG if cluster_skip_reason() is None else ())])
 def test_a_lost_rank_does_not_hang_the_others(how, tmp_path):
     """Rank 1 hangs (SIGSTOP) or dies (kill -9) mid-run: rank 0 exits within train.dist_timeout_s
     with one line naming rank 1 and code 69, writing nothing; after the kill -9, rerunning the
@@ -284,12 +288,13 @@ def test_a_lost_rank_does_not_hang_the_others(how, tmp_path):
         time.sleep(0.02)
     tic = time.time()
     os.kill(procs[1].pid, getattr(signal, how))
-    out, _ = procs[0].communicate(timeout=60)
+    out, _ = procs[0].communicate(timeout=300)  # a hang guard
     took = time.time() - tic
     procs[1].kill()
     procs[1].wait()
     assert procs[0].returncode == LOST_RANK_EXIT, out[-2000:]
-    assert took < 10 + 5  # the timeout, a heartbeat, and the process's exit
+    # the heartbeat's 10 s, not a default (600 s) or week-long wait; generous for a loaded machine
+    assert took < 10 + 50
     line = [l for l in out.splitlines() if l.startswith("mmscale: rank 0:")]
     assert len(line) == 1 and "rank 1 stopped answering" in line[0], out[-2000:]
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
