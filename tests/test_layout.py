@@ -204,3 +204,33 @@ def test_towers_have_no_0dim_parameters():
     assert torch.equal(out, before)
     out.sum().backward()
     assert next(gated.parameters()).grad.shape == (1,)
+
+
+# ---------------------------------------------------------------- the model contract
+
+def test_every_task_model_meets_the_contract():
+    """models/contract.py is what the engine, tasks, evaluation and export call on a model: every
+    task's model satisfies it, the image-text ones (clip, cbmf) can be embedded by the evaluators,
+    CBMF's towers' features can be cached, and the learnt temperature is the one Bounded module."""
+    from helpers import CBMF_RANDOM_TOWERS, views_config
+    from mmscale.config import load_config
+    from mmscale.models import build_model
+    from mmscale.models.contract import Bounded, FeatureModel, ImageTextModel, Model
+    clip = build_model(load_config(os.path.join(ROOT, "recipes", "tiny.yaml"), ["model.learn_temperature=true"]))
+    cbmf = build_model(load_config(os.path.join(ROOT, "recipes", "cbmf_tiny.yaml"),
+                                   [CBMF_RANDOM_TOWERS], check_files=False))
+    cfg = load_config(None, views_config("/nonexistent", "train.steps=1"), check_files=False)
+    for m, d in zip(cfg.model.modalities, (5, 7)):  # what task classify fills in from the data
+        m.input_dim = d
+    cfg.model.num_classes = 3
+    classify = build_model(cfg)
+    assert all(isinstance(m, Model) for m in (clip, cbmf, classify))
+    assert isinstance(clip, ImageTextModel) and isinstance(cbmf, ImageTextModel)
+    assert isinstance(cbmf, FeatureModel) and not isinstance(clip, FeatureModel)
+    assert not isinstance(classify, ImageTextModel)
+    bounded = [type(m).__name__ for m in clip.modules() if isinstance(m, Bounded)]
+    assert bounded == ["LogitScale"]
+    (p, (lo, hi)), = next(m for m in clip.modules() if isinstance(m, Bounded)).parameter_bounds().items()
+    assert p is clip.logit_scale.log_value and lo is None and hi is not None
+    tok = clip.tokenize(["a photo of a seven"])
+    assert clip.encode_text(tok["input_ids"], tok["attention_mask"]).norm(dim=-1).sub(1).abs().max() < 1e-5

@@ -25,6 +25,7 @@ from torch.profiler import record_function
 
 from ..data.stream import model_inputs
 from ..gradcache import grad_cache_step
+from ..models.contract import Bounded
 from .reduction import GradReduction
 
 
@@ -44,7 +45,7 @@ class TrainStep:
         # ZeRO 1-3 (and DeepSpeed's bf16 optimizer) skip a step whose gradients are not finite by
         # themselves; on a bare torch optimizer (ZeRO 0, fp32) this step checks before stepping
         self.checks_grads = not hasattr(engine.optimizer, "overflow")
-        self.bounds = [(p, lo, hi) for m in engine.module.modules() if hasattr(m, "parameter_bounds")
+        self.bounds = [(p, lo, hi) for m in engine.module.modules() if isinstance(m, Bounded)
                        for p, (lo, hi) in m.parameter_bounds().items()]
 
     def __call__(self, batch: dict, progress) -> StepResult:

@@ -2,7 +2,7 @@
 UniS-MMC / M3CoL (classifier.py) and CBMF (cbmf.py), from shared layers (layers.py).
 
 Models map a batch dict to a dict of outputs. They know nothing of ranks, DeepSpeed or files;
-every model exposes `named_towers()` so exports can save what its towers need offline."""
+what the engine, tasks, evaluation and export may call on them is contract.py's."""
 from __future__ import annotations
 
 import torch.nn as nn
