@@ -118,7 +118,7 @@ def write_digit_shards(folder, per_shard=100, shards=3, corrupt=(), numbered=Fal
     import webdataset as wds
     from mmscale.config import DataConfig
     from mmscale.data.images import load_splits
-    from mmscale.data.shards import write_index
+    from mmscale.data.indexed_shards import write_index
     splits = load_splits(DataConfig(type="digits", caption_template="a photo of the number {}.", eval_fraction=0.0))
     os.makedirs(folder, exist_ok=True)
     k = 0
@@ -136,7 +136,7 @@ def write_digit_shards(folder, per_shard=100, shards=3, corrupt=(), numbered=Fal
 def write_pair_shards(folder, pairs, per_shard=40):
     """(key, image extension, image bytes, caption) pairs as tar shards with build_shards' index."""
     import webdataset as wds
-    from mmscale.data.shards import write_index
+    from mmscale.data.indexed_shards import write_index
     os.makedirs(folder, exist_ok=True)
     shards = [pairs[i:i + per_shard] for i in range(0, len(pairs), per_shard)]
     for s, part in enumerate(shards):

@@ -135,7 +135,7 @@ def test_duplicates_and_evaluation_images_are_dropped_and_counted(planted):
     assert table.loc["bad0", "verdict"] == "undecodable" and "cannot identify" in table.loc["bad0", "error"]
     # the output: the 80 originals, in input order, bytes unchanged, read through data.type: shards
     from mmscale.data.images import image_transform
-    from mmscale.data.shards import ShardDataset, read_index
+    from mmscale.data.indexed_shards import ShardDataset, read_index
     assert [s["nsamples"] for s in read_index(str(out))] == [25, 25, 25, 5]
     ds = ShardDataset(str(out), image_transform(32, train=False))
     keys = [ds._read(i)["__key__"] for i in range(len(ds))]
@@ -285,7 +285,7 @@ def test_clip_scores_filter_exactly_and_a_caption_mismatch_scores_lower(trained_
     assert os.stat(tmp_path / "t" / "_meta" / "curate" / "scores" / "000000.parquet").st_mtime_ns == scores
     kept = pd.read_parquet(tmp_path / "t" / "_meta" / "curation.parquet")["verdict"].to_numpy() == "kept"
     top = np.argsort(-reference)[:k]
-    from mmscale.data.shards import ShardDataset
+    from mmscale.data.indexed_shards import ShardDataset
     out = ShardDataset(str(tmp_path / "t"), None)
     assert [out._read(i)["__key__"] for i in range(len(out))] == [pairs[i][0] for i in np.flatnonzero(kept)]
     assert np.flatnonzero(kept).tolist() == sorted(top.tolist())

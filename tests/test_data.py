@@ -6,7 +6,7 @@ from conftest import ROOT, shared_path
 from helpers import write_digit_shards
 from mmscale.config import DataConfig
 from mmscale.data.images import CaptionDataset, SyntheticPairs, image_transform, load_splits
-from mmscale.data.stream import BatchStream, Collate
+from mmscale.data.batches import BatchStream, Collate
 
 
 class Items(torch.utils.data.Dataset):  # the key is the item
@@ -91,7 +91,7 @@ def test_images_travel_as_bytes_and_normalise_on_the_device_exactly():
     from PIL import Image
     from torchvision import transforms as T
     from mmscale.data.images import CLIP_MEAN, CLIP_STD, normalize_images
-    from mmscale.data.stream import model_inputs, to_device
+    from mmscale.data.batches import model_inputs, to_device
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (5, 7, 3), generator=g, dtype=torch.uint8)
     image = Image.fromarray(pixels.numpy())
@@ -128,7 +128,7 @@ def test_cifar10_folders_from_shared():
 
 def test_shard_dataset_reads_by_index_and_skips_corrupt_samples(tmp_path):
     import warnings
-    from mmscale.data.shards import ShardDataset
+    from mmscale.data.indexed_shards import ShardDataset
     write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt={12})
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
     assert len(ds) == 20
@@ -194,8 +194,8 @@ def test_batches_carry_the_positives_keys(tmp_path):
     caption_id is the same for one caption text up to whitespace."""
     import webdataset as wds
     from helpers import real_photos
-    from mmscale.data.shards import ShardDataset, write_index
-    from mmscale.data.streamed import ShardStream
+    from mmscale.data.indexed_shards import ShardDataset, write_index
+    from mmscale.data.tar_stream import ShardStream
     photo, other = real_photos(2)
     with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
         for k, (image, caption) in enumerate([(photo, "a cat on a mat"), (other, "a dog"), (photo, " a cat  on a mat")]):

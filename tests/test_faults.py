@@ -32,7 +32,7 @@ HOWS = ["truncated", "missing", "zero_byte", "not_tar"]
 def test_a_bad_shard_is_dropped_at_start_up_with_one_line(how, tmp_path, capfd):
     from mmscale.config import ConfigError
     from mmscale.data.images import image_transform
-    from mmscale.data.shards import ShardDataset
+    from mmscale.data.indexed_shards import ShardDataset
     write_digit_shards(str(tmp_path), per_shard=10, shards=3)
     damage(str(tmp_path / "00001.tar"), how)
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
@@ -46,7 +46,7 @@ def test_a_bad_shard_is_dropped_at_start_up_with_one_line(how, tmp_path, capfd):
 
 def test_a_shard_that_breaks_mid_run_loses_its_samples_to_the_skip_counter(tmp_path):
     from mmscale.data.images import image_transform
-    from mmscale.data.shards import ShardDataset
+    from mmscale.data.indexed_shards import ShardDataset
     write_digit_shards(str(tmp_path), per_shard=10, shards=3)
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
     assert len(ds) == 30
@@ -75,7 +75,7 @@ def test_a_shard_whose_images_do_not_decode_is_dropped_with_one_line(tmp_path, c
     stands in depends on the draw alone (a fresh process drawing in another order gets the same
     items). A shard with a single bad image is not dropped: its other samples read."""
     from mmscale.data.images import image_transform
-    from mmscale.data.shards import ShardDataset
+    from mmscale.data.indexed_shards import ShardDataset
     write_digit_shards(str(tmp_path), per_shard=10, shards=3, corrupt=set(range(10, 20)) | {25})
     transform = image_transform(32, train=False)
     ds = ShardDataset(str(tmp_path), transform)
@@ -99,7 +99,7 @@ def test_data_with_next_to_nothing_readable_is_one_line_also_from_a_loader_worke
     also when a loader worker raised it (torch re-raises it around the worker's traceback)."""
     from torch.utils.data import DataLoader
     from mmscale.data.images import UnreadableData, image_transform
-    from mmscale.data.shards import ShardDataset
+    from mmscale.data.indexed_shards import ShardDataset
     write_digit_shards(str(tmp_path), per_shard=10, shards=2, corrupt=set(range(20)))
     ds = ShardDataset(str(tmp_path), image_transform(32, train=False))
     with warnings.catch_warnings():

@@ -362,7 +362,7 @@ def test_build_shards_label_column_feeds_the_classifier(tmp_path):
     """build_shards --label-col over loopback HTTP -> shards whose samples carry their class ->
     the imagetext loader reads the classes back by name."""
     from mmscale.data.labelled import load_imagetext
-    from mmscale.data.shards import BuildOptions, build_shards
+    from mmscale.data.shard_builder import BuildOptions, build_shards
     site = tmp_path / "site"
     site.mkdir()
     server = Server(str(site))

@@ -158,7 +158,7 @@ def test_build_shards_help_gives_every_default():
     r = subprocess.run([os.path.join(os.path.dirname(PY), "mmscale-build-shards"), "--help"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     import dataclasses
-    from mmscale.data.shards import BuildOptions
+    from mmscale.data.shard_builder import BuildOptions
     text = " ".join(r.stdout.split())
     for f in dataclasses.fields(BuildOptions):
         flag = "--" + f.name.replace("_", "-")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from helpers import photo_site
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.data.shard_builder import BuildOptions, build_shards
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 from helpers import write_digit_shards
 from mmscale.data.mixture import SourceMixture, shares
-from mmscale.data.stream import BatchStream
+from mmscale.data.batches import BatchStream
 
 NAMES, SIZES, WEIGHTS = ["big", "small", "mid"], [500, 40, 200], [1.0, 2.0, 1.0]
 
@@ -90,7 +90,7 @@ def test_batches_split_over_any_world_and_resume_at_the_step():
 
 def test_a_bad_source_is_one_line(tmp_path):
     from mmscale.config import ConfigError, load_config
-    from mmscale.data.shards import ShardDataset, write_index
+    from mmscale.data.indexed_shards import ShardDataset, write_index
     tiny = os.path.join(ROOT, "recipes", "tiny.yaml")
     write_digit_shards(str(tmp_path / "a"), per_shard=20, shards=1)
     os.makedirs(tmp_path / "empty")

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from helpers import photo_site
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.data.shard_builder import BuildOptions, build_shards
 
 
 def _ready() -> str | None:

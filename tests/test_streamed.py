@@ -1,4 +1,4 @@
-"""data.type webdataset (data/streamed.py): streamed shards that resume exactly on the same ranks
+"""data.type webdataset (data/tar_stream.py): streamed shards that resume exactly on the same ranks
 and loader workers, and re-split without skipping on others. Ranks are simulated in-process
 (each ShardStream is one rank's); the loader workers are real processes."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from helpers import write_digit_shards
 from mmscale.data.images import image_transform
-from mmscale.data.streamed import ShardOrder, ShardStream, mix
+from mmscale.data.tar_stream import ShardOrder, ShardStream, mix
 
 
 def collate(items):

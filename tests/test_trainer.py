@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from conftest import tiny_model_config
 from helpers import records
-from mmscale.data.stream import BatchStream
+from mmscale.data.batches import BatchStream
 from mmscale.tasks import Task
 
 

@@ -13,7 +13,7 @@ import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.data.shard_builder import BuildOptions, build_shards
 
 
 class Quiet(SimpleHTTPRequestHandler):

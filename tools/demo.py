@@ -46,7 +46,7 @@ def main() -> int:
     from PIL import Image
     from mmscale.config import DataConfig, load_config
     from mmscale.data.images import load_splits
-    from mmscale.data.shards import BuildOptions, build_shards
+    from mmscale.data.shard_builder import BuildOptions, build_shards
 
     shutil.rmtree(args.work, ignore_errors=True)
     site = os.path.join(args.work, "site")

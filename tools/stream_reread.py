@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """How much a resumed `data.type: webdataset` stream reads again: the shards back to the oldest
 sample in its shuffle buffer, which it re-reads (without decoding) to refill the buffer. The
-stream's own pick (data/streamed.py's hash) over many draws, for docs/DATA.md.
+stream's own pick (data/tar_stream.py's hash) over many draws, for docs/DATA.md.
 
     python tools/stream_reread.py --buffer 5000 --shard-size 10000
 """
 import argparse
 
-from mmscale.data.streamed import mix
+from mmscale.data.tar_stream import mix
 
 
 def main(argv=None):

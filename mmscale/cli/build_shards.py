@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 
-from mmscale.data.shards import BuildOptions, build_shards
+from mmscale.data.shard_builder import BuildOptions, build_shards
 
 HELP = {
     "image_size": "side of the stored images in pixels, after resizing",

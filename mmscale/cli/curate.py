@@ -95,7 +95,7 @@ def load_scorer(path: str, device):
 def eval_set(item: str) -> EvalSet:
     """NAME=PATH: a COCO captions .json (images beside it as COCO lays them out, or JSON,IMAGE_DIR),
     a shard folder (_meta/shards.json), or class folders (PATH/test/<class>/* or PATH/<class>/*)."""
-    from mmscale.data.shards import META, read_index
+    from mmscale.data.indexed_shards import META, read_index
     from mmscale.eval.datasets import load_captions, load_classification
     name, sep, path = item.partition("=")
     if not sep or not name or not path:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from ..dist import broadcast_object, gather_rows, on_rank0, rank_and_world, shard_rows
 from ..files import atomic_path
 from .images import CaptionDataset, Sample, image_transform, normalize_images
-from .stream import collate_images_labels
+from .batches import collate_images_labels
 
 FORMAT = 1  # bump when what a cache file means changes (transforms, layout)
 

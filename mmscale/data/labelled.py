@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
 from .images import CaptionDataset, KeyedDataset, Sample, image_transform, stratified_split
-from .shards import ShardDataset
+from .indexed_shards import ShardDataset
 
 
 

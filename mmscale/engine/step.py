@@ -7,7 +7,7 @@ bare torch optimizer (ZeRO 0 in fp32), which has to know before it steps; under 
 DeepSpeed's bf16 optimizer that check is DeepSpeed's own (and so is its wait).
 
 Images arrive as uint8 and are normalised chunk by chunk, just before their chunk is embedded
-(data.stream.model_inputs): the step holds its batch as bytes, a quarter of float32's size.
+(data.batches.model_inputs): the step holds its batch as bytes, a quarter of float32's size.
 When the chunks' gradients cross ranks, and in which dtype, is reduction.py's.
 
 Each phase is a profiler range, `mmscale/<phase>` (forward, loss, backward, optimizer; the
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from ..data.stream import model_inputs
+from ..data.batches import model_inputs
 from ..gradcache import grad_cache_step
 from ..models.contract import Bounded
 from .reduction import GradReduction

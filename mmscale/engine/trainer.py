@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config, ConfigError, save_config
 from .backend import check_world
-from ..data.stream import to_device
+from ..data.batches import to_device
 from ..dist import current_device, init_distributed, on_rank0, rank_and_world
 from ..export import save_export
 from ..export.openclip import blocker as open_clip_blocker

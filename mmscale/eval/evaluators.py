@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..data.images import CaptionDataset, Sample, image_transform, normalize_images
-from ..data.stream import collate_images_labels, to_device
+from ..data.batches import collate_images_labels, to_device
 from ..dist import gather_rows, on_rank0, shard_rows
 from ..models.layers import eval_mode
 from .datasets import has_split, load_captions, load_classification, resolve_templates

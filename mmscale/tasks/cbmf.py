@@ -8,7 +8,7 @@ import numpy as np
 from ..data.features import cached_features, split_pairs
 from ..data.images import load_splits
 from ..data.labelled import ArrayDataset, collate_arrays
-from ..data.stream import BatchStream
+from ..data.batches import BatchStream
 from ..dist import current_device, gather_outputs
 from ..eval import predict
 from ..losses import soft_target_contrastive_loss

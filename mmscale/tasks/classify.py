@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, image_size
 from ..data.labelled import LabelledSplits, collate_arrays, load_imagetext, load_multiview
-from ..data.stream import BatchStream, Collate
+from ..data.batches import BatchStream, Collate
 from ..dist import gather_outputs, global_index, rank_and_world
 from ..eval import classification_metrics, predict
 from ..losses import m3co_loss, mixup_cross_entropy, multisoftclip_loss, pair_categories, unis_mmc_loss

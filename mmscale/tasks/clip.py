@@ -5,15 +5,15 @@ from ..data.images import CaptionDataset, Splits, SyntheticPairs, image_transfor
 from ..config import ConfigError
 from ..config.validate import source_names
 from ..data.mixture import SourceMixture
-from ..data.shards import ShardDataset
-from ..data.stream import BatchStream, Collate
-from ..data.streamed import ShardStream
+from ..data.indexed_shards import ShardDataset
+from ..data.batches import BatchStream, Collate
+from ..data.tar_stream import ShardStream
 from ..losses import clip_loss
 from ..models import DualEncoder, build_model
 from .base import Progress, Task, image_text_evaluation
 
 
-# loss.positives -> the batch's key for it (data/stream.py's Collate); index needs none
+# loss.positives -> the batch's key for it (data/batches.py's Collate); index needs none
 POSITIVES_KEYS = {"index": None, "image": "image_id", "caption": "caption_id", "label": "label"}
 
 

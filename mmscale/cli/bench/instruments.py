@@ -192,7 +192,7 @@ def flop_per_sample(task, batch: dict, progress) -> dict:
     by `flop_counter` on a fresh CPU copy of the model (outside DeepSpeed, whose hooks a stray
     backward would disturb), on two samples of the batch (its images normalised, as the step does)."""
     import torch
-    from mmscale.data.stream import model_inputs
+    from mmscale.data.batches import model_inputs
     rows = model_inputs({k: v[:2].cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}, torch.float32)
     rows = {k: v.float() if v.is_floating_point() else v for k, v in rows.items()}
     model = task.build_model().float()

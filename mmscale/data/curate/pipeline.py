@@ -10,7 +10,7 @@
 3. The kept samples, in input order and with every tar member's bytes unchanged, are cut into
    output shards of --shard-size (rank r writes shards r, r + W, ...), each written atomically: a
    rerun of the same plan writes only the missing ones (another plan starts them afresh).
-4. Rank 0 writes the index (shards.write_index, what `data.type: shards` reads) and
+4. Rank 0 writes the index (indexed_shards.write_index, what `data.type: shards` reads) and
    OUT/_meta/summary.json (kept and dropped counts by reason) last: a folder with an index is done.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pandas as pd
 
 from ...dist import barrier, broadcast_object, rank_and_world
 from ...files import atomic_path, atomic_write_json
-from ..shards import META, read_index, write_index
+from ..indexed_shards import META, read_index, write_index
 from .hashing import as_uint64, hash_image_source, hash_shard, shard_samples
 from .plan import KEPT, PlanOptions, counts, plan
 from .scoring import Scorer, score_shards

@@ -3,7 +3,7 @@
 BatchStream is a pure function of (seed, epoch, step): each epoch is one seeded permutation cut
 into global batches, rank r takes its slice of each. Its state is (epoch, step), so a resumed run
 sees exactly the batches the uninterrupted run would have seen; weighted sources (data.sources,
-mixture.py) replace the permutation with another pure function of the epoch. ShardStream (streamed.py)
+mixture.py) replace the permutation with another pure function of the epoch. ShardStream (tar_stream.py)
 reads WebDataset shards front to back for data too large to index, and resumes exactly too.
 """
 from __future__ import annotations

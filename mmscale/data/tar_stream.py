@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import ConfigError
 from ..dist import all_gather_object, rank_and_world
 from .images import brief_error, mix, stable_id
-from .stream import _Position, ignore_stop_signals
+from .batches import _Position, ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
