@@ -14,7 +14,7 @@ PKG = os.path.join(ROOT, "mmscale")
 
 # Lower layers never import higher ones; modules of one layer may import each other (acyclically).
 LAYERS = [
-    {"files", "config"},
+    {"files", "config", "seeds"},
     {"dist", "placement"},
     {"data"},
     {"models"},
@@ -234,3 +234,32 @@ def test_every_task_model_meets_the_contract():
     assert p is clip.logit_scale.log_value and lo is None and hi is not None
     tok = clip.tokenize(["a photo of a seven"])
     assert clip.encode_text(tok["input_ids"], tok["attention_mask"]).norm(dim=-1).sub(1).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- one home for seeds
+
+def test_no_seed_is_computed_outside_seeds_py():
+    """Exact resume rests on every draw being a function of (seed, purpose, keys): mmscale/seeds.py
+    derives each one; no other module seeds a generator itself (scikit-learn's random_state, handed
+    an evaluator's seed as it is, is not a derivation)."""
+    import re
+    found = []
+    for module, path in _modules().items():
+        if module == "mmscale.seeds":
+            continue
+        for n, line in enumerate(open(path), 1):
+            if re.search(r"manual_seed\(|default_rng\(|\bhash\(\(|\bGenerator\(\)", line.split("#")[0]):
+                found.append(f"{path}:{n}: {line.strip()}")
+    assert not found, found
+
+
+def test_seed_formulas_keep_the_documented_sample_orders():
+    """seeds.py kept each purpose's formula from before it became one module (documented runs'
+    samples depend on them); a purpose called with the wrong keys is a one-line error."""
+    from mmscale.seeds import mix, seed_for
+    assert seed_for("epoch_order", 7, 3) == 7 * 100_003 + 3
+    assert seed_for("augment", 7, 3, 11) == (7 * 1_000_003 + 3) * 10_000_019 + 11
+    assert seed_for("step", 7, 5, 1) == hash((7, 5, 1)) % 2 ** 62
+    assert seed_for("stream_augment", 7, 2, 9) == mix(7, 2, 9) >> 1
+    with pytest.raises(TypeError, match=r"'step' takes the keys \(step, rank\), got 1"):
+        seed_for("step", 7, 5)

@@ -6,7 +6,8 @@ import torch
 
 from helpers import write_digit_shards
 from mmscale.data.images import image_transform
-from mmscale.data.tar_stream import ShardOrder, ShardStream, mix
+from mmscale.data.tar_stream import ShardOrder, ShardStream
+from mmscale.seeds import mix
 
 
 def collate(items):

@@ -7,7 +7,7 @@ stream's own pick (data/tar_stream.py's hash) over many draws, for docs/DATA.md.
 """
 import argparse
 
-from mmscale.data.tar_stream import mix
+from mmscale.seeds import seed_for
 
 
 def main(argv=None):
@@ -18,7 +18,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     buffer, read, back = list(range(a.buffer)), a.buffer, []
     for d in range(a.draws):
-        buffer[mix(0, 0, d) % a.buffer] = read  # what the buffer holds: the number each sample was read as
+        buffer[seed_for("buffer_pick", 0, 0, d) % a.buffer] = read  # what the buffer holds: the number each sample was read as
         read += 1
         if d % 10_000 == 9_999:  # a checkpoint here: the resume re-reads from the oldest one's shard
             back.append((read - min(buffer)) / a.shard_size)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from ..seeds import torch_generator
 from .images import normalize_images, stable_id
 
 
@@ -136,7 +137,7 @@ class BatchStream(_Position):
             if self.mixture:
                 order = self.mixture.order(epoch)
             else:
-                order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                order = torch.randperm(len(self.dataset), generator=torch_generator("epoch_order", self.seed, epoch))
             self._order = (epoch, order)
         return self._order[1]
 

@@ -22,13 +22,13 @@ import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from ..dist import broadcast_object, gather_rows, on_rank0, rank_and_world, shard_rows
 from ..files import atomic_path
+from ..seeds import numpy_rng
 from .images import CaptionDataset, Sample, image_transform, normalize_images
 from .batches import collate_images_labels
 
@@ -177,5 +177,5 @@ def split_pairs(samples: list[Sample], fraction: float, seed: int) -> tuple[list
     keys = [input_key(s, "image", i) for i, s in enumerate(samples)]
     groups = list(dict.fromkeys(keys))
     n_val = max(1, int(round(fraction * len(groups))))
-    held = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:n_val]}
+    held = {groups[i] for i in numpy_rng("split", seed).permutation(len(groups))[:n_val]}
     return [s for s, k in zip(samples, keys) if k not in held], [s for s, k in zip(samples, keys) if k in held]

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
+from ..seeds import numpy_rng, seed_for, seed_torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -72,21 +73,6 @@ class Sample:
     image_id: int | None = None  # samples of one image share it (COCO's image id); None: the path, else the index
 
 
-_MASK = (1 << 64) - 1
-
-
-def mix(*values: int) -> int:
-    """A 64-bit hash of integers (splitmix64 folded over them): a pick or a seed that has no state
-    beyond the numbers it is given (the stand-in for an unreadable sample, the streamed shuffle)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
-        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
-        h ^= h >> 31
-    return h
-
-
 def brief_error(e: Exception) -> str:
     """An error's message without the addresses PIL puts in it (<_io.BytesIO object at 0x...>)."""
     return re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>", "", str(e))
@@ -128,7 +114,7 @@ class KeyedDataset(Dataset):
 
     def after(self, j: int, draw: tuple) -> int:
         """The candidate tried after unreadable sample j, for draw = (seed, epoch, i, try)."""
-        return mix(*draw) % len(self)
+        return seed_for("replace", *draw) % len(self)
 
     def __getitem__(self, key):
         seed, epoch, i = key if isinstance(key, tuple) else (0, 0, key)
@@ -142,7 +128,7 @@ class KeyedDataset(Dataset):
                 j, last = self.after(j, (seed, epoch, i, skipped)), e
                 continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + j)
+                seed_torch("augment", seed, epoch, j)
                 return self.transform(image), caption, label, skipped, image_id
         raise UnreadableData(f"data: none of {self.max_skip + 1} samples tried in place of {self.name(i)} could be "
                              f"read (the last: {brief_error(last)}): nearly all of the data is unreadable; check it "
@@ -194,7 +180,7 @@ class SyntheticPairs(KeyedDataset):
         return i % 10
 
     def load(self, i):
-        g = np.random.default_rng(i)
+        g = numpy_rng("synthetic", i)
         pixels = g.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8)
         return Image.fromarray(pixels), self.template.format(DIGIT_NAMES[i % 10]), i % 10, i
 
@@ -221,7 +207,7 @@ class Splits:
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) sorted indices; each class holds out round(fraction * its count)."""
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng("split", seed)
     train, held = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))

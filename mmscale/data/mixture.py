@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..seeds import torch_generator
 
 
 def shares(total: int, weights: list[float]) -> list[int]:
@@ -47,7 +48,7 @@ class SourceMixture:
         self.counts = shares(self.epoch_size, weights)
 
     def _permutation(self, source: int, k: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + source) * 1_000_003 + k) % 2 ** 63)
+        g = torch_generator("source_order", self.seed, source, k)
         return torch.randperm(self.sizes[source], generator=g)
 
     def _draws(self, source: int, start: int, n: int) -> torch.Tensor:
@@ -63,7 +64,7 @@ class SourceMixture:
 
     def order(self, epoch: int) -> torch.Tensor:
         draws = torch.cat([self._draws(s, epoch * n, n) for s, n in enumerate(self.counts)])
-        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) % 2 ** 63)
+        g = torch_generator("epoch_order", self.seed, epoch)
         return draws[torch.randperm(len(draws), generator=g)]
 
     def source_of(self, indices: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import ConfigError
 from ..dist import all_gather_object, rank_and_world
-from .images import brief_error, mix, stable_id
+from ..seeds import seed_for, seed_torch, torch_generator
+from .images import brief_error, stable_id
 from .batches import _Position, ignore_stop_signals
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -56,7 +57,7 @@ class ShardOrder:
     def __getitem__(self, g: int) -> str:
         p, i = divmod(g, len(self.urls))
         if self._pass[0] != p:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
+            gen = torch_generator("shard_pass", self.seed, p)
             self._pass = (p, torch.randperm(len(self.urls), generator=gen).tolist())
         return self.urls[self._pass[1][i]]
 
@@ -128,7 +129,7 @@ class SlotReader:
                 buffer.append(item)
                 self.refs.append(item[0])
                 continue
-            i = mix(self.seed, self.slot + self.base, self.draws) % len(buffer)
+            i = seed_for("buffer_pick", self.seed, self.slot + self.base, self.draws) % len(buffer)
             out, buffer[i], self.refs[i] = buffer[i], item, item[0]
             self.draws += 1
             yield out
@@ -152,7 +153,7 @@ class SlotReader:
         image = Image.open(io.BytesIO(sample[image_key]))
         image.load()
         with torch.random.fork_rng(devices=[]):  # the augmentation of this sample wherever it is read
-            torch.manual_seed(mix(self.seed, self.place(ref[0]), ref[1]) >> 1)
+            seed_torch("stream_augment", self.seed, self.place(ref[0]), ref[1])
             # the bytes identify the image (loss.positives: image)
             return self.transform(image), sample["txt"].decode("utf-8").strip(), stable_id(sample[image_key])
 

@@ -24,6 +24,7 @@ from ..export import save_export
 from ..export.openclip import blocker as open_clip_blocker
 from ..gradcache import check_exact
 from ..files import RunDir, atomic_write_json
+from ..seeds import seed_torch
 from ..tasks import Progress, Task
 from . import backend
 from .checkpoint import CheckpointError, Checkpointer
@@ -59,7 +60,7 @@ class Trainer:
                                      on_lost=lambda line: self.logger.log({"event": "rank_lost", "message": line}))
         self.watchdog.start()
 
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        seed_torch("init", t.seed)  # identical initial weights on every rank
         model = task.build_model()
         if self.chunk < self.local_batch:
             check_exact(model.named_towers())
@@ -101,7 +102,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> StepResult:
         # per-step seeding keeps dropout/augmentation/mixup identical across a resume
-        torch.manual_seed(hash((self.cfg.train.seed, self.state.step, self.rank)) % 2 ** 62)
+        seed_torch("step", self.cfg.train.seed, self.state.step, self.rank)
         self.skipped.add(int(batch.pop("skipped", 0)))
         result = self.step_fn(self.to_device(batch), Progress(self.state.step, self.total_steps))
         self.state.step += 1

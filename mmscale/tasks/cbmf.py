@@ -14,6 +14,7 @@ from ..eval import predict
 from ..losses import soft_target_contrastive_loss
 from ..models import CBMF
 from ..models.layers import eval_mode
+from ..seeds import numpy_rng
 from .base import Progress, Task, image_text_evaluation
 
 
@@ -87,7 +88,7 @@ class CBMFTask(Task):
         out = predict(model, val, collate_arrays, device, dtype, self.cfg.eval.batch_size, keep=self.names)
         n, a, b = len(val), *self.names
         scale = model.logit_scale().detach().float().cpu()
-        order = np.random.default_rng(self.cfg.data.seed).permutation(n)
+        order = numpy_rng("val_batches", self.cfg.data.seed).permutation(n)
         chunks = np.array_split(order, max(1, round(n / self.cfg.train.global_batch_size)))
         targets, target_scale = self.cfg.loss.cbmf_targets, self.cfg.loss.cbmf_target_scale
         return sum(len(c) / n * soft_target_contrastive_loss(out[a][c], out[b][c], scale, targets, target_scale).item()

@@ -12,6 +12,7 @@ from ..eval import classification_metrics, predict
 from ..losses import m3co_loss, mixup_cross_entropy, multisoftclip_loss, pair_categories, unis_mmc_loss
 from ..models import FusionClassifier, build_model
 from ..models.layers import blend, draw_mixing, eval_mode
+from ..seeds import seed_torch
 from .base import Progress, Task
 
 
@@ -121,7 +122,7 @@ class ClassifyTask(Task):
         rows = len(batch["label"])
         mine = slice(rank * rows, (rank + 1) * rows)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.cfg.train.seed, progress.step)) % 2 ** 62)
+            seed_torch("global_step", self.cfg.train.seed, progress.step)
             drawn = draw_mixing(names, rows * world, c.mixup_alpha, draws, prob)
         drawn = {n: (perm[mine].to(device), lam[mine].to(device)) for n, (perm, lam) in drawn.items()}
         if mode == "m3co" and c.m3co_mix == "embeddings":  # mixed after the loss's gather
