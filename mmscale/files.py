@@ -73,6 +73,10 @@ class RunDir:
     def results(self) -> str:
         return os.path.join(self.root, "results.json")
 
+    @property
+    def features(self) -> str:  # CBMF's frozen-tower feature cache (data.feature_cache puts it elsewhere)
+        return os.path.join(self.root, "features")
+
     def samples(self, rank: int) -> str:  # train.sample_log: each step's sample ids on this rank
         return os.path.join(self.root, "samples", f"rank{rank}.jsonl")
 

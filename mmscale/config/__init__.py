@@ -4,7 +4,7 @@ Every problem with a recipe is raised as ConfigError naming the dotted key, so t
 can print one line and exit 2 before any process group or model exists. One job per module:
 fields.py (a field's default, help and range; ConfigError), schema.py (the dataclasses),
 build.py (YAML -> typed dataclasses), recipes.py (YAML files, `base:`, overrides, saving),
-validate.py (every cross-field rule), doc.py (`mmscale-train --explain`, docs/CONFIG.md).
+validate.py (every rule between fields that the recipe alone decides), doc.py (`mmscale-train --explain`, docs/CONFIG.md).
 Imports from mmscale: files only.
 """
 from .build import build, check_type

@@ -7,7 +7,7 @@ Contract, so the gradient cache can wrap any task:
   batch) except the names listed in `shared_outputs` (e.g. the logit scale);
 - loss(outputs, batch, progress) -> (scalar loss, metrics) uses only those outputs and the
   batch's labels, never model parameters; metrics are scalar tensors (read only on logged steps).
-Tasks never write files: what they report goes through `self.logger` (the engine's, rank 0).
+Tasks write no file themselves: what they report goes through `self.logger` (the engine's, rank 0).
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Task cbmf: CBMF's Deep Fusion Encoder over frozen towers."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..data.features import cached_features, split_pairs
@@ -11,6 +9,7 @@ from ..data.labelled import ArrayDataset, collate_arrays
 from ..data.batches import BatchStream
 from ..dist import current_device, gather_outputs
 from ..eval import predict
+from ..files import RunDir
 from ..losses import soft_target_contrastive_loss
 from ..models import CBMF
 from ..models.layers import eval_mode
@@ -56,7 +55,7 @@ class CBMFTask(Task):
             samples = self._splits()[split]
             self.cache[split] = None
             if samples:
-                folder = self.cfg.data.feature_cache or os.path.join(self.cfg.train.run_dir, "features")
+                folder = self.cfg.data.feature_cache or RunDir(self.cfg.train.run_dir).features
                 arrays, labels, _ = cached_features(
                     model, self.cfg.model, samples, split, folder, device or current_device(),
                     self.cfg.eval.batch_size, log=lambda info: self.logger.log({"event": "features", **info}))
